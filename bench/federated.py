@@ -1,0 +1,173 @@
+"""Federated vs centralized vs local-only training on the built-in 3-site non-IID split.
+
+Every arm gets the same number of local optimizer steps per site:
+
+* centralized (upper bound): one model on the pooled data, ``rounds * local_steps * sites`` steps;
+* local-only (lower bound): each site alone, ``rounds * local_steps`` steps;
+* FedAvg and FedProx: real ``flwr run . local`` simulations, ``rounds`` rounds of
+  ``local_steps`` steps per site.
+
+Each model is scored on every site's held-out test images with the fast ensemble sampler.
+Also reported, from the federated runs' own history: round overhead (wall time of the training
+phase of a round / the slowest site's local compute in that round) and bytes per round.
+
+Run: python bench/federated.py [--rounds 10 --local-steps 40] [--json runs/bench-federated.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
+from medsegdiff_core.config import load_config  # noqa: E402
+from medsegdiff_core.data import SegmentationFolder  # noqa: E402
+from medsegdiff_core.data.synthetic import write_fundus_sites  # noqa: E402
+from medsegdiff_core.diffusion import NoiseSchedule  # noqa: E402
+from medsegdiff_core.inference import evaluate_dataset  # noqa: E402
+from medsegdiff_core.training import fit  # noqa: E402
+from server.local_simulation import run_local  # noqa: E402
+
+SITES = 3
+
+
+def score(checkpoint: Path, tests: list[SegmentationFolder], config) -> dict[str, float]:
+    """Mean Dice (over classes) per site's test split, and their mean."""
+    loaded = load_checkpoint(checkpoint)
+    schedule = NoiseSchedule.from_name(loaded.diffusion.schedule, loaded.diffusion.steps)
+    result = {}
+    for index, test in enumerate(tests):
+        _, summary = evaluate_dataset(
+            loaded.model,
+            schedule,
+            test,
+            config.inference,
+            list(config.data.classes),
+            device=torch.device("cpu"),
+        )
+        result[f"site-{index}"] = summary["mean"]["dice"]
+    result["mean"] = statistics.fmean(result.values())
+    return result
+
+
+def train_central(config, folders: list[Path], steps: int, out: Path) -> Path:
+    overrides = config.model_dump(mode="json")
+    overrides["data"]["train"] = [str(f) for f in folders]
+    overrides["train"].update(
+        steps=steps, checkpoint_every=steps, out_dir=str(out), warmup_steps=0, ema_decay=None
+    )
+    from medsegdiff_core.config import parse_config
+
+    return fit(parse_config(overrides), progress=False, log=lambda _: None).checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="configs/federated-tiny.yaml")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=40)
+    parser.add_argument("--proximal-mu", type=float, default=0.01)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-federated")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    config = load_config(ROOT / args.experiment)
+    workdir = args.work.resolve()
+    # The same built-in sites the simulated clients use (deterministic, so written once).
+    data_root = workdir / "data" / f"synthetic-{SITES}"
+    if not (data_root / ".complete").exists():
+        write_fundus_sites(data_root, num_sites=SITES)
+        (data_root / ".complete").touch()
+    sites = [data_root / f"site-{k}" for k in range(SITES)]
+    size = config.unet_spec().image_size
+    tests = [
+        SegmentationFolder(s / "test", config.data.classes, size, in_channels=3) for s in sites
+    ]
+    per_site_steps = args.rounds * args.local_steps
+    print(
+        f"bench/federated: {args.experiment}, {SITES} sites, {args.rounds} rounds x "
+        f"{args.local_steps} local steps; torch {torch.__version__}"
+    )
+
+    results: dict[str, dict] = {}
+    start = time.monotonic()
+    central = train_central(
+        config, [s / "train" for s in sites], per_site_steps * SITES, workdir / "central"
+    )
+    results["centralized"] = {
+        "dice": score(central, tests, config),
+        "seconds": time.monotonic() - start,
+    }
+    for index, site in enumerate(sites):
+        start = time.monotonic()
+        ckpt = train_central(config, [site / "train"], per_site_steps, workdir / f"local-{index}")
+        results[f"local-only site-{index}"] = {
+            "dice": score(ckpt, tests, config),
+            "seconds": time.monotonic() - start,
+        }
+
+    for strategy in ("fedavg", "fedprox"):
+        run_workdir = workdir / strategy
+        overrides = (
+            f"name=bench-{strategy} federation.strategy={strategy} "
+            f"federation.rounds={args.rounds} federation.local_steps={args.local_steps} "
+            f"federation.proximal_mu={args.proximal_mu} federation.evaluate_every={args.rounds} "
+            f"federation.release_name=bench-{strategy}"
+        )
+        start = time.monotonic()
+        code = run_local(
+            workdir / f"flwr-home-{strategy}",
+            num_supernodes=SITES,
+            run_config={
+                "workdir": str(run_workdir),
+                "experiment": args.experiment,
+                "overrides": overrides,
+            },
+        )
+        if code != 0:
+            sys.exit(f"{strategy} run failed with exit code {code}")
+        run_dir = run_workdir / "runs" / f"bench-{strategy}"
+        history = json.loads((run_dir / "state.json").read_text())["history"]
+        results[strategy] = {
+            "dice": score(run_dir / "final" / "model.json", tests, config),
+            "seconds": time.monotonic() - start,
+            "round_overhead": [r["round_overhead"] for r in history],
+            "update_bytes_per_round": [r["update_bytes"] for r in history],
+            "model_bytes": history[-1]["model_bytes"],
+            "round_wall_s": [r["train_wall_s"] for r in history],
+        }
+
+    print()
+    header = " ".join(f"{f'site-{k}':>8}" for k in range(SITES))
+    print(f"{'held-out Dice (mean of classes)':<28} {header} {'mean':>8} {'wall s':>8}")
+    for name, value in results.items():
+        dice = value["dice"]
+        cells = " ".join(f"{dice[f'site-{k}']:>8.4f}" for k in range(SITES))
+        print(f"{name:<28} {cells} {dice['mean']:>8.4f} {value['seconds']:>8.0f}")
+    central_mean = results["centralized"]["dice"]["mean"]
+    for strategy in ("fedavg", "fedprox"):
+        value = results[strategy]
+        overhead = [o for o in value["round_overhead"] if o]
+        print(
+            f"{strategy}: {100 * value['dice']['mean'] / central_mean:.1f}% of centralized Dice; "
+            f"round overhead median {statistics.median(overhead):.3f} "
+            f"(max {max(overhead):.3f}); update bytes per round "
+            f"{statistics.median(value['update_bytes_per_round']):,.0f} received, "
+            f"{value['model_bytes'] * SITES:,} sent"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

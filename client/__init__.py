@@ -1,0 +1,1 @@
+"""The hospital side of the federation: a Flower ClientApp over ``medsegdiff_core``."""

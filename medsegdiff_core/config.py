@@ -1,0 +1,278 @@
+"""Experiment configuration: one YAML file, validated by pydantic with errors that name the key.
+
+A config has five sections — ``data``, ``model``, ``diffusion``, ``train``, ``inference`` — each a
+model below with every field documented. Unknown keys are errors (a typo must never be silently
+ignored in a medical pipeline). :func:`load_config` turns any validation failure into one
+:class:`~medsegdiff_core.errors.ConfigError` line such as
+``configs/x.yaml: train.batch_size: Input should be a valid integer (got 'eight')``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .model.presets import PRESETS, UNetSpec, resolve_spec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where the data are and what the classes mean."""
+
+    train: list[Path] = Field(default_factory=list, description="folders of training cases")
+    val: list[Path] = Field(default_factory=list, description="folders of validation cases")
+    test: list[Path] = Field(default_factory=list, description="folders of test cases")
+    layout: Literal["generic"] = Field("generic", description="on-disk layout of each folder")
+    classes: dict[str, list[int]] = Field(
+        default_factory=lambda: {"disc": [1, 2], "cup": [2]},
+        description="mask channel name -> label values it covers (0 is background)",
+    )
+    image_channels: int = Field(3, ge=1, description="channels of the raw image")
+    augment: bool = Field(True, description="random flips and intensity jitter in training")
+
+    @field_validator("train", "val", "test", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str | Path) else value
+
+    @field_validator("classes")
+    @classmethod
+    def _valid_classes(cls, classes: dict[str, list[int]]) -> dict[str, list[int]]:
+        if not classes:
+            raise ValueError("at least one class is needed")
+        for name, values in classes.items():
+            if not values:
+                raise ValueError(f"class {name!r} lists no label values")
+            if any(v <= 0 or v > 255 for v in values):
+                raise ValueError(
+                    f"class {name!r}: label values must be in 1..255 (0 is background)"
+                )
+        return classes
+
+
+class ModelConfig(_Section):
+    """The network: a named preset, optionally with fields overridden."""
+
+    preset: Literal["tiny", "small", "b", "l", "pp"] = "small"
+    image_size: int | None = Field(None, gt=0, description="input side in px (preset's if unset)")
+    base_channels: int | None = Field(None, gt=0)
+    channel_mult: list[int] | None = None
+    num_res_blocks: int | None = Field(None, ge=1)
+    cond_res_blocks: int | None = Field(None, ge=1)
+    attention_ds: list[int] | None = None
+    num_heads: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    learn_sigma: bool = False
+    use_ff_parser: bool = True
+
+
+class DiffusionConfig(_Section):
+    """The forward process the model is trained on."""
+
+    steps: int = Field(1000, ge=1, description="diffusion steps T")
+    schedule: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["epsilon", "v"] = Field(
+        "epsilon", description="network target: the noise (the paper) or the velocity v"
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0, description="Min-SNR-gamma loss weighting (None: uniform, as the paper)"
+    )
+
+
+class TrainConfig(_Section):
+    """Optimisation."""
+
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    time_budget_s: float | None = Field(None, gt=0, description="stop early after this wall time")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")
+    ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of weights (None: off)")
+    warmup_steps: int = Field(100, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="validation Dice every N steps")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    seed: int = 0
+    init_from: Path | None = Field(
+        None, description="start from this checkpoint's weights (its architecture must match)"
+    )
+    out_dir: Path = Path("runs/experiment")
+
+
+class InferenceConfig(_Section):
+    """Ensemble sampling and fusion."""
+
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "dpm++"
+    sampling_steps: int = Field(20, ge=1)
+    ensemble: int = Field(5, ge=1, description="samples fused per image")
+    fusion: Literal["staple", "mean", "majority"] = "staple"
+    uncertainty: Literal["entropy", "variance"] = "entropy"
+    threshold: float = Field(0.5, gt=0, lt=1)
+    batch_size: int = Field(4, ge=1, description="images sampled together")
+    seed: int = 0
+
+
+class FederationConfig(_Section):
+    """Federated training: rounds, strategy, and how much each site trains per round.
+
+    Plain settings only: the Flower apps in ``client/`` and ``server/`` read them.
+    """
+
+    rounds: int = Field(5, ge=1, description="federated rounds")
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx mu (strategy fedprox)")
+    local_steps: int = Field(50, ge=1, description="optimizer steps per site per round")
+    min_sites: int = Field(2, ge=1, description="fewest sites whose updates make a round")
+    min_available_sites: int = Field(2, ge=1, description="sites that must be connected")
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds")
+    simulated_sites: int = Field(3, ge=1, description="built-in sites in simulation")
+    norm_outlier_factor: float = Field(
+        10.0, gt=1, description="reject updates whose norm exceeds this times the round median"
+    )
+    round_timeout_s: float = Field(3600.0, gt=0)
+    release_name: str = Field("fedmedsegdiff", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: data, model, diffusion, training and inference settings."""
+
+    name: str = "experiment"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
+    federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _architecture_is_buildable(self) -> ExperimentConfig:
+        spec = self.unet_spec()
+        if spec.image_size % spec.downsampling_factor:
+            raise ValueError(
+                f"model.image_size {spec.image_size} must be divisible by "
+                f"{spec.downsampling_factor} (2 ** (len(channel_mult) - 1))"
+            )
+        return self
+
+    def unet_spec(self) -> UNetSpec:
+        """The full network spec: the preset, the overrides, and channels from the data."""
+        overrides = self.model.model_dump(exclude={"preset"})
+        for key in ("channel_mult", "attention_ds"):
+            if overrides[key] is not None:
+                overrides[key] = tuple(overrides[key])
+        return resolve_spec(
+            self.model.preset,
+            image_channels=self.data.image_channels,
+            mask_channels=len(self.data.classes),
+            **overrides,
+        )
+
+
+def _format_error(source: str, error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if not key:  # whole-config checks name their keys themselves
+        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
+    if error["type"] == "extra_forbidden":
+        return f"{source}: {key}: unknown key"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
+    return f"{source}: {key}: {message}{shown}"
+
+
+def parse_config(data: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
+    """Validate a config mapping; raise ConfigError naming ``source`` and the first bad key."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise ConfigError(_format_error(source, errors[0]) + more) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML experiment config.
+
+    ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML) applied on top, e.g.
+    ``["train.steps=100", "model.preset=tiny"]``.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(data, item, source=str(path))
+    return parse_config(data, source=str(path))
+
+
+def resolve_workdir(value: str | Path | None = None) -> Path:
+    """Where runs, releases, keys and built-in data live: ``value``, else the environment
+    variable ``FEDMEDSEGDIFF_HOME``, else ``~/.fedmedsegdiff``."""
+    chosen = value or os.environ.get("FEDMEDSEGDIFF_HOME") or Path.home() / ".fedmedsegdiff"
+    return Path(chosen).expanduser().resolve()
+
+
+def config_from_run_config(run_config: Mapping[str, Any], app_root: Path) -> ExperimentConfig:
+    """The experiment a federated run uses, from its flat key-value run config.
+
+    ``experiment`` names a YAML file (relative paths are taken from ``app_root``, the folder of
+    the app's pyproject.toml); ``overrides`` is an optional string of ``key=value`` items
+    separated by spaces (quote values that contain spaces).
+    """
+    name = str(run_config.get("experiment", "configs/federated-tiny.yaml"))
+    path = Path(name) if Path(name).is_absolute() else app_root / name
+    overrides = shlex.split(str(run_config.get("overrides", "")))
+    return load_config(path, overrides)
+
+
+def apply_override(data: dict[str, Any], item: str, *, source: str = "override") -> None:
+    """Set ``dotted.key=value`` in a nested mapping (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{source}: override {item!r} is not of the form key=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+__all__ = [
+    "PRESETS",
+    "DataConfig",
+    "DiffusionConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "InferenceConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "apply_override",
+    "config_from_run_config",
+    "load_config",
+    "parse_config",
+    "resolve_workdir",
+]

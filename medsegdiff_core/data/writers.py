@@ -1,0 +1,156 @@
+"""Writing predictions as PNGs at the input image's original resolution.
+
+The model works at a fixed square size; these helpers bring its outputs back to each image's
+(H, W) on disk and write label maps (for tools), uncertainty maps and colour overlays (for people).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "OVERLAY_COLOURS",
+    "resize_label_map",
+    "resize_probability",
+    "write_label_map",
+    "write_overlay",
+    "write_uncertainty",
+]
+
+OVERLAY_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 230, 64),  # green
+    (0, 150, 255),  # azure
+    (255, 230, 0),  # yellow
+    (255, 0, 200),  # magenta
+    (0, 255, 255),  # cyan
+    (255, 120, 0),  # orange
+    (150, 60, 255),  # violet
+    (255, 0, 0),  # red
+)
+"""RGB colour of label value v in overlays: ``OVERLAY_COLOURS[(v - 1) % len(OVERLAY_COLOURS)]``.
+Greens and blues come first because they stand out against the reddish retina."""
+
+
+def resize_label_map(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (h, w) label map to ``size`` = (H, W) by nearest neighbour; dtype is kept.
+
+    Pixel centres are matched (as ``nearest-exact``), so no label value is invented or shifted
+    by half a pixel.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    (h, w), (height, width) = labels.shape, size
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def resize_probability(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize float (M, h, w) per-channel probabilities to (M, H, W) bilinearly; float32.
+
+    Resize probabilities before thresholding, not masks after: the boundary then lands between
+    the model's pixels instead of following its coarse grid.
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 3:
+        raise ValueError(f"prob must be (M, H, W), got shape {prob.shape}")
+    if prob.shape[1:] == tuple(size):
+        return prob.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(prob))[None]
+    resized = F.interpolate(tensor, size=tuple(size), mode="bilinear", antialias=True)
+    return resized[0].numpy()
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG")
+    return path
+
+
+def write_label_map(path: Path, labels: np.ndarray) -> Path:
+    """Write an (H, W) label map with values 0..255 as a uint8 grey PNG; returns the path."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"label values must be in 0..255, got {labels.min()}..{labels.max()}")
+    return _save(path, labels.astype(np.uint8))
+
+
+def write_uncertainty(path: Path, unc: np.ndarray) -> Path:
+    """Write an (H, W) uncertainty map in [0, 1] as a grey PNG (255 = most uncertain)."""
+    unc = np.asarray(unc, dtype=np.float64)
+    if unc.ndim != 2:
+        raise ValueError(f"uncertainty must be (H, W), got shape {unc.shape}")
+    grey = np.rint(np.clip(np.nan_to_num(unc, nan=1.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return _save(path, grey)
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) floats in [0, 1] or uint8 (H, W, 3) / (H, W) -> uint8 (H, W, 3)."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        if image.ndim == 2:
+            return np.repeat(image[..., None], 3, axis=-1)
+        if image.ndim == 3 and image.shape[-1] == 3:
+            return image
+        raise ValueError(f"uint8 image must be (H, W, 3) or (H, W), got {image.shape}")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"image must be (C, H, W), got shape {image.shape}")
+    # Not RGB (e.g. MRI modalities): show the first channel in grey.
+    rgb = image[:3] if image.shape[0] == 3 else np.repeat(image[:1], 3, axis=0)
+    rgb = np.clip(np.nan_to_num(rgb.astype(np.float64)), 0.0, 1.0)
+    return np.rint(rgb.transpose(1, 2, 0) * 255.0).astype(np.uint8)
+
+
+def _contours(labels: np.ndarray) -> np.ndarray:
+    """Labelled pixels that touch (4-neighbourhood) a pixel of another label."""
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    edge = (
+        (padded[:-2, 1:-1] != centre)
+        | (padded[2:, 1:-1] != centre)
+        | (padded[1:-1, :-2] != centre)
+        | (padded[1:-1, 2:] != centre)
+    )
+    return edge & (labels != 0)
+
+
+def write_overlay(
+    path: Path, image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.45
+) -> Path:
+    """Write an RGB PNG of the image with labels tinted and their contours drawn solid.
+
+    Args:
+        path: Output PNG; parent folders are created.
+        image: (C, H, W) floats in [0, 1] (grey, RGB, or other channels of which the first is
+            shown), or a uint8 (H, W, 3) RGB image.
+        labels: (H, W) label map of the same size; each non-zero value gets a colour from
+            :data:`OVERLAY_COLOURS`.
+        alpha: Opacity of the label tint inside regions; contours are opaque.
+
+    Returns:
+        The written path.
+    """
+    rgb = _as_rgb_uint8(image).astype(np.float64)
+    labels = np.asarray(labels)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(f"labels are {labels.shape} but the image is {rgb.shape[:2]}")
+    colours = np.zeros((int(labels.max(initial=0)) + 1, 3))
+    for value in range(1, len(colours)):
+        colours[value] = OVERLAY_COLOURS[(value - 1) % len(OVERLAY_COLOURS)]
+    tint = colours[np.clip(labels, 0, None).astype(np.int64)]
+    inside = (labels != 0)[..., None]
+    out = np.where(inside, (1 - alpha) * rgb + alpha * tint, rgb)
+    # Solid contours show the predicted boundary even where the tint is hard to see.
+    out = np.where(_contours(labels)[..., None], tint, out)
+    return _save(path, np.rint(out).astype(np.uint8))

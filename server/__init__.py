@@ -1,0 +1,1 @@
+"""The coordinating side of the federation: a Flower ServerApp over ``medsegdiff_core``."""

@@ -1,0 +1,105 @@
+"""A federated run on disk: a checkpoint after every round, so a crashed server resumes.
+
+Layout of ``<workdir>/runs/<experiment name>/``::
+
+    round-0003.{safetensors,json}   the global model after round 3, a full checkpoint (the
+                             last ``keep`` rounds are kept; any can be released on demand)
+    state.json               completed round, metric history, config digest — the commit point
+    final/model.{safetensors,json}   the final model as a checkpoint, when the run is done
+
+``state.json`` is written last and atomically, so after a crash it always names a round whose
+weights are complete on disk. A restarted server with the same experiment config continues at
+the next round; since each site seeds its round from (seed, round, site), the resumed run gives
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsegdiff_core.checkpoint import atomic_write_bytes, load_tensors, save_checkpoint
+from medsegdiff_core.config import ExperimentConfig
+from medsegdiff_core.errors import CheckpointError
+from medsegdiff_core.model import MedSegDiffUNet
+
+# Settings that may change between a crash and the restart without changing the run.
+_RESUMABLE_FIELDS = {"federation": {"rounds", "round_timeout_s"}}
+
+
+def config_digest(config: ExperimentConfig) -> str:
+    """sha256 of everything in the config that determines the trained weights."""
+    data = config.model_dump(mode="json", exclude=_RESUMABLE_FIELDS)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class RunState:
+    completed_round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RunStore:
+    """Checkpoints and metric history of one federated run."""
+
+    def __init__(self, directory: Path, config: ExperimentConfig, *, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.config = config
+        self.digest = config_digest(config)
+        self.keep = keep
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state.json"
+
+    def weights_path(self, server_round: int) -> Path:
+        return self.directory / f"round-{server_round:04d}.safetensors"
+
+    def load(self) -> tuple[RunState, dict[str, torch.Tensor] | None]:
+        """The last completed round and its weights, or a fresh state if nothing was saved."""
+        if not self.state_path.exists():
+            return RunState(), None
+        try:
+            saved = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.state_path}: not valid JSON ({exc})") from None
+        if saved.get("config_digest") != self.digest:
+            raise CheckpointError(
+                f"{self.state_path}: this run directory holds a run of a different experiment "
+                "config; give the experiment another name or move the directory away"
+            )
+        state = RunState(saved["completed_round"], saved["history"])
+        weights = load_tensors(self.weights_path(state.completed_round))
+        return state, weights
+
+    def save_round(self, state: RunState, model: MedSegDiffUNet, record: dict[str, Any]) -> None:
+        """Persist the model after ``record['round']`` as a checkpoint, then commit the state."""
+        server_round = int(record["round"])
+        save_checkpoint(
+            self.weights_path(server_round),
+            model,
+            diffusion=self.config.diffusion,
+            classes=self.config.data.classes,
+            inference=self.config.inference,
+            metadata={
+                "experiment": self.config.name,
+                "preset": self.config.model.preset,
+                "round": server_round,
+            },
+        )
+        state.completed_round = server_round
+        state.history.append(record)
+        payload = {
+            "config_digest": self.digest,
+            "completed_round": state.completed_round,
+            "history": state.history,
+        }
+        atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())
+        for old in sorted(self.directory.glob("round-*.safetensors"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)

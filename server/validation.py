@@ -1,0 +1,110 @@
+"""Screening client updates before they are averaged.
+
+One broken or malicious site must not be able to ruin the global model (or stop a round): every
+reply is checked, and a bad one is left out with a logged reason that names the site. The round
+then goes on with the others.
+
+Checks, in order: the reply carries an error; it lacks the ``arrays``/``metrics`` records or a
+positive ``num-examples``; its keys, shapes or dtypes differ from the global model; it holds NaN
+or Inf; its distance from the global model is more than ``norm_factor`` times the round's lower
+median distance (a scaled or random update).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+
+@dataclass
+class Screening:
+    """Accepted replies (in a stable order) and (site, reason) for each rejected one."""
+
+    accepted: list[Message] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def site_name(msg: Message) -> str:
+    """The site's own name when it sent one, else its node id."""
+    try:
+        return str(msg.content["site"]["name"])
+    except (KeyError, TypeError, AttributeError):
+        return f"node-{msg.metadata.src_node_id}"
+
+
+def _structural_problem(msg: Message, reference: dict[str, np.ndarray]) -> str | None:
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
+        return "reply must hold exactly one 'arrays' and one 'metrics' record"
+    examples = content["metrics"].get("num-examples")
+    if not isinstance(examples, int | float) or not examples > 0 or not math.isfinite(examples):
+        return f"num-examples must be a positive number, got {examples!r}"
+    arrays = content["arrays"]
+    missing, extra = reference.keys() - arrays.keys(), arrays.keys() - reference.keys()
+    if missing or extra:
+        return f"keys differ from the global model (missing {sorted(missing)[:3]}, " + (
+            f"unexpected {sorted(extra)[:3]})"
+        )
+    for key, expected in reference.items():
+        value = arrays[key]
+        if tuple(value.shape) != expected.shape:
+            return f"{key}: shape {tuple(value.shape)} != {expected.shape}"
+        if value.dtype != str(expected.dtype) and np.dtype(value.dtype) != expected.dtype:
+            return f"{key}: dtype {value.dtype} != {expected.dtype}"
+        if not np.isfinite(value.numpy()).all():
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
+    """L2 distance between an update and the global weights it started from."""
+    total = 0.0
+    for key, base in reference.items():
+        if np.issubdtype(base.dtype, np.floating):
+            diff = arrays[key].numpy().astype(np.float64) - base
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
+
+
+def screen_updates(
+    replies: list[Message], global_arrays: ArrayRecord, *, norm_factor: float
+) -> Screening:
+    """Split replies into accepted and rejected (see the module docstring).
+
+    Accepted replies are sorted by site name so that averaging order — and so the result, to
+    the last bit — does not depend on which site answered first.
+    """
+    reference = {k: v.numpy() for k, v in global_arrays.items()}
+    reference64 = {
+        k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v
+        for k, v in reference.items()
+    }
+    result = Screening()
+    candidates: list[tuple[Message, float]] = []
+    for msg in replies:
+        problem = _structural_problem(msg, reference)
+        if problem:
+            result.rejected.append((site_name(msg), problem))
+        else:
+            candidates.append((msg, update_norm(msg.content["arrays"], reference64)))
+    if candidates:
+        norms = sorted(norm for _, norm in candidates)
+        lower_median = norms[(len(norms) - 1) // 2]
+        for msg, norm in candidates:
+            if lower_median > 0 and norm > norm_factor * lower_median:
+                result.rejected.append(
+                    (
+                        site_name(msg),
+                        f"update norm {norm:.3g} is over {norm_factor:g}x the "
+                        f"round's median {lower_median:.3g}",
+                    )
+                )
+            else:
+                result.accepted.append(msg)
+    result.accepted.sort(key=site_name)
+    return result

@@ -1,0 +1,255 @@
+"""Federated training with real Flower simulations (each costs tens of seconds: keep few).
+
+* ``flwr run . local`` — the README's path — for 2 rounds: checkpoints, history and a signed
+  release; then the release is verified, tampered with and refused by ``medsegdiff predict``.
+* The Flower simulation runtime in a child process, killed mid-run and restarted: the run
+  resumes from its last checkpoint and ends with the same weights as an uninterrupted run.
+* A site that sends a NaN update, then one of the wrong shape: rejected with the site named,
+  while the rounds complete with the other sites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from server.local_simulation import processes_naming, run_local
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = (
+    "federation.rounds=2 federation.local_steps=4 inference.sampling_steps=3 inference.ensemble=2"
+)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "medsegdiff_core.cli", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def flwr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workdir of a finished 2-round `flwr run . local` with 3 simulated sites."""
+    base = tmp_path_factory.mktemp("flwr")
+    workdir = base / "work"
+    code = run_local(
+        base / "flwr-home",
+        num_supernodes=3,
+        run_config={"workdir": str(workdir), "overrides": OVERRIDES},
+        timeout_s=900,
+    )
+    assert code == 0
+    assert not processes_naming(str(base / "flwr-home")), "Flower processes left running"
+    return workdir
+
+
+def test_flwr_run_checkpoints_every_round_and_releases(flwr_run: Path) -> None:
+    run_dir = flwr_run / "runs" / "federated-tiny"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed_round"] == 2
+    assert [r["round"] for r in state["history"]] == [1, 2]
+    for record in state["history"]:
+        assert record["sites_trained"] == ["site-0", "site-1", "site-2"]
+        assert record["rejected"] == []
+        assert record["train"]["num-examples"] == 120
+        assert 0.0 <= record["evaluate"]["dice"] <= 1.0
+    for n in (1, 2):
+        assert (run_dir / f"round-{n:04d}.safetensors").is_file()
+        assert (run_dir / f"round-{n:04d}.json").is_file()
+    release = flwr_run / "releases" / "fundus-tiny-v1"
+    card = json.loads((release / "model-card.json").read_text())
+    assert card["training"]["rounds"] == 2 and len(card["data_sites"]) == 3
+    assert set(card["evaluation"]["per_site"]) == {"site-0", "site-1", "site-2"}
+    final = load_file(str(release / "model.safetensors"))
+    round2 = load_file(str(run_dir / "round-0002.safetensors"))
+    assert all(torch.equal(final[k], round2[k]) for k in final)
+
+
+def test_release_verified_then_tampering_refused(flwr_run: Path, tmp_path: Path) -> None:
+    release = flwr_run / "releases" / "fundus-tiny-v1"
+    public_key = flwr_run / "keys" / "release-signing.pem.pub"
+    ok = cli("release", "verify", str(release), "--public-key", str(public_key))
+    assert ok.returncode == 0 and "signature valid" in ok.stdout
+
+    site = flwr_run / "data" / "synthetic-3" / "site-2" / "val"
+    out = tmp_path / "pred"
+    result = cli(
+        "predict",
+        "--release",
+        str(release),
+        "--public-key",
+        str(public_key),
+        "--input",
+        str(site),
+        "--out",
+        str(out),
+        "--ensemble",
+        "2",
+        "--steps",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "disc dice" in result.stdout and (out / "metrics.json").is_file()
+
+    def refused(folder: Path, key: Path, *fragments: str) -> None:
+        result = cli(
+            "predict",
+            "--release",
+            str(folder),
+            "--public-key",
+            str(key),
+            "--input",
+            str(site),
+            "--out",
+            str(tmp_path / "x"),
+        )
+        assert result.returncode == 2, result.stdout
+        assert "Traceback" not in result.stderr
+        for fragment in fragments:
+            assert fragment in result.stderr, result.stderr
+        assert not (tmp_path / "x").exists()
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(release, flipped)
+    weights = bytearray((flipped / "model.safetensors").read_bytes())
+    weights[-1] ^= 0x01
+    (flipped / "model.safetensors").write_bytes(bytes(weights))
+    refused(flipped, public_key, "model.safetensors", "sha256 differs")
+
+    missing = tmp_path / "missing"
+    shutil.copytree(release, missing)
+    (missing / "model-card.json").unlink()
+    refused(missing, public_key, "model-card.json", "missing")
+
+    other_key = tmp_path / "other.pem"
+    assert cli("release", "keygen", str(other_key)).returncode == 0
+    refused(release, Path(str(other_key) + ".pub"), "manifest.sig", "does not verify")
+
+
+SIMULATION = """
+import sys
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from client import client_app
+from server import server_app
+
+RUN_CONFIG = {{"workdir": {workdir!r}, "overrides": {overrides!r}}}
+POISON = {poison!r}
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.train()
+def train(msg, context):
+    context.run_config.update(RUN_CONFIG)
+    reply = client_app.train(msg, context)
+    if POISON and context.node_config["partition-id"] == 1:
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        key = next(iter(arrays))
+        if int(msg.content["config"]["server-round"]) == 1:
+            arrays[key] = arrays[key] * float("nan")  # a diverged site
+        else:
+            arrays[key] = arrays[key][..., :1].clone()  # a site with another architecture
+        from flwr.app import ArrayRecord
+        reply.content["arrays"] = ArrayRecord(arrays)
+    return reply
+
+
+@client.evaluate()
+def evaluate(msg, context):
+    context.run_config.update(RUN_CONFIG)
+    return client_app.evaluate(msg, context)
+
+
+@server.main()
+def main(grid, context):
+    context.run_config.update(RUN_CONFIG)
+    server_app.main(grid, context)
+
+
+BACKEND = {{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}}
+run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
+"""
+
+
+def start_simulation(workdir: Path, *, rounds: int, poison: bool = False) -> subprocess.Popen:
+    overrides = OVERRIDES.replace("federation.rounds=2", f"federation.rounds={rounds}")
+    script = workdir.parent / f"{workdir.name}-sim.py"
+    script.write_text(SIMULATION.format(workdir=str(workdir), overrides=overrides, poison=poison))
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 900) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_resume_after_server_killed_mid_run(tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    finish(start_simulation(reference, rounds=3))
+
+    crashed = tmp_path / "crashed"
+    process = start_simulation(crashed, rounds=3)
+    state_path = crashed / "runs" / "federated-tiny" / "state.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if state_path.exists() and json.loads(state_path.read_text())["completed_round"] >= 1:
+            break
+        time.sleep(0.2)
+    kill_group(process)  # the server (and every simulated site) dies mid-run
+    killed_after = json.loads(state_path.read_text())["completed_round"]
+    assert killed_after < 3
+
+    output = finish(start_simulation(crashed, rounds=3))
+    assert f"resuming federated-tiny after round {killed_after}" in output
+    state = json.loads(state_path.read_text())
+    assert [r["round"] for r in state["history"]] == [1, 2, 3]
+    expected = load_file(str(reference / "runs" / "federated-tiny" / "round-0003.safetensors"))
+    resumed = load_file(str(crashed / "runs" / "federated-tiny" / "round-0003.safetensors"))
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
+
+
+def test_poisoned_updates_rejected_and_rounds_complete(tmp_path: Path) -> None:
+    workdir = tmp_path / "poisoned"
+    finish(start_simulation(workdir, rounds=2, poison=True))
+    state = json.loads((workdir / "runs" / "federated-tiny" / "state.json").read_text())
+    first, second = state["history"]
+    assert first["rejected"][0]["site"] == "site-1" and "NaN" in first["rejected"][0]["reason"]
+    assert second["rejected"][0]["site"] == "site-1" and "shape" in second["rejected"][0]["reason"]
+    for record in (first, second):
+        assert record["sites_trained"] == ["site-0", "site-2"]
+        assert not record.get("failed")
+        assert record["train"]["num-examples"] == 80
+    assert (workdir / "releases" / "fundus-tiny-v1" / "manifest.sig").is_file()
