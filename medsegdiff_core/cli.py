@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--card", type=Path, help="JSON with model-card fields to include")
     keygen = release_sub.add_parser("keygen", help="create an Ed25519 signing key pair")
     keygen.add_argument("key", type=Path, help="private key path; the public key gets .pub")
+
+    from .data.check import add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
@@ -204,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_predict(args, require_masks=True)
         elif args.command == "release":
             _run_release(args)
+        elif args.command == "data":
+            from .data.check import run_data_command
+
+            return run_data_command(args)
     except MedSegDiffError as exc:
         if args.debug:
             raise

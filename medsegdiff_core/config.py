@@ -32,7 +32,12 @@ class DataConfig(_Section):
     train: list[Path] = Field(default_factory=list, description="folders of training cases")
     val: list[Path] = Field(default_factory=list, description="folders of validation cases")
     test: list[Path] = Field(default_factory=list, description="folders of test cases")
-    layout: Literal["generic"] = Field("generic", description="on-disk layout of each folder")
+    layout: Literal["generic", "refuge", "ddti", "isic", "brats", "volumes"] = Field(
+        "generic", description="on-disk layout of each folder (see medsegdiff_core.data.layouts)"
+    )
+    skip_empty_slices: bool = Field(
+        True, description="volume layouts: train only on slices that have labels"
+    )
     classes: dict[str, list[int]] = Field(
         default_factory=lambda: {"disc": [1, 2], "cup": [2]},
         description="mask channel name -> label values it covers (0 is background)",

@@ -225,18 +225,20 @@ def build_model(config: ExperimentConfig) -> MedSegDiffUNet:
 
 def load_folders(config: ExperimentConfig, split: str, *, augment: bool = False) -> Dataset:
     """The config's folders of one split as one dataset (sites pooled, for central training)."""
-    from .data import SegmentationFolder
+    from .data.layouts import open_dataset
 
     folders = getattr(config.data, split)
     if not folders:
         raise ConfigError(f"data.{split} lists no folders")
     parts = [
-        SegmentationFolder(
+        open_dataset(
             folder,
+            config.data.layout,
             config.data.classes,
             config.unet_spec().image_size,
             in_channels=config.data.image_channels,
             augment=augment,
+            skip_empty=config.data.skip_empty_slices and split == "train",
         )
         for folder in folders
     ]

@@ -1,0 +1,726 @@
+"""Dataset layouts: where a site's images and masks are, and what the mask values mean.
+
+Six layouts, named in the config's ``data.layout`` (``FOLDER`` is the folder given):
+
+=========  ==================================================================  ================
+layout     files                                                               mask values
+=========  ==================================================================  ================
+generic    ``images/<name>.{png,jpg,tif}`` + ``masks/<name>.png``              labels as is
+refuge     ``images/<name>.{jpg,png,bmp,tif}`` + ``masks/<name>.{png,bmp}``    0 cup, 128 rim,
+                                                                               255 background
+ddti       ``images/<name>.{png,jpg}`` + ``masks/<name>.png`` (also            0 / 255 (or 0/1)
+           ``image/`` + ``mask/``); images are made grey (1 channel)
+isic       ``images/<name>.jpg`` + ``masks/<name>_segmentation.png``           0 / 255 (or 0/1)
+brats      ``<case>/<case>_{t1,t1ce,t2,flair}.nii.gz`` + ``<case>_seg.nii.gz``  labels as is
+           (BraTS 2023 names ``-t1n/-t1c/-t2w/-t2f`` and ``-seg`` also work)   (1, 2, 4)
+volumes    ``images/<name>.{nii.gz,nii,nrrd}`` or ``images/<name>/`` (a DICOM  labels as is
+           series) + ``masks/<name>.{nii.gz,nii,nrrd}``
+=========  ==================================================================  ================
+
+Mask values are first mapped to labels (REFUGE: background 0, disc rim 1, cup 2; DDTI/ISIC:
+lesion 1), then the configured classes turn labels into mask channels exactly as for the generic
+layout (:func:`~medsegdiff_core.data.folder.labels_to_channels`).
+
+2-D layouts give a :class:`PlanarDataset` (a :class:`~.folder.SegmentationFolder` with the
+layout's file matching and value mapping); volume layouts give a :class:`SliceDataset` of 2-D
+slices along each volume's axial axis, modalities stacked as channels, each modality z-scored over
+the whole volume (BraTS: over the brain, i.e. the non-zero voxels; other volumes: over all voxels
+after clipping to the 0.5-99.5 percentiles). Use :func:`open_dataset` to get either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .folder import (
+    IMAGE_SUFFIXES,
+    SegmentationFolder,
+    _class_labels,
+    _normalise,
+    _resize_image,
+    _resize_labels,
+    _scan,
+    labels_to_channels,
+    read_image,
+    read_label_map,
+)
+from .synthetic import FUNDUS_CLASSES
+from .synthetic_brain import BRATS_CLASSES, BRATS_MODALITIES
+from .volumes import (
+    Volume,
+    axial_axis,
+    check_same_grid,
+    read_label_volume,
+    read_volume,
+    volume_format,
+    volume_stem,
+    write_label_volume,
+    write_volume,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "LayoutCase",
+    "LayoutSpec",
+    "PlanarDataset",
+    "SliceDataset",
+    "find_layout_cases",
+    "layout_spec",
+    "load_planar_case",
+    "load_volume_case",
+    "open_dataset",
+    "read_planar_labels",
+    "scan_layout",
+]
+
+LayoutName = Literal["generic", "refuge", "ddti", "isic", "brats", "volumes"]
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """What a layout is.
+
+    Attributes:
+        name: The config's ``data.layout`` value.
+        kind: ``"planar"`` (2-D images) or ``"volume"`` (3-D volumes, used as 2-D slices).
+        classes: Default classes (mask channel -> label values after the layout's mapping).
+        in_channels: Image channels the layout gives (None: as the files have).
+        normalise: Volume intensity normalisation, ``"nonzero"`` or ``"volume"``.
+    """
+
+    name: str
+    kind: Literal["planar", "volume"]
+    classes: dict[str, list[int]]
+    in_channels: int | None
+    normalise: Literal["nonzero", "volume"] = "volume"
+
+
+_SPECS: dict[str, LayoutSpec] = {
+    "generic": LayoutSpec("generic", "planar", FUNDUS_CLASSES, None),
+    "refuge": LayoutSpec("refuge", "planar", FUNDUS_CLASSES, 3),
+    "ddti": LayoutSpec("ddti", "planar", {"nodule": [1]}, 1),
+    "isic": LayoutSpec("isic", "planar", {"lesion": [1]}, 3),
+    "brats": LayoutSpec("brats", "volume", BRATS_CLASSES, 4, "nonzero"),
+    "volumes": LayoutSpec("volumes", "volume", {"lesion": [1]}, None),
+}
+LAYOUTS: tuple[str, ...] = tuple(_SPECS)
+"""The layout names, as accepted by ``data.layout`` and ``medsegdiff data check --layout``."""
+
+_MAX_LISTED = 5
+_PLANAR_DIRS = {
+    "refuge": (("images", "Images"), ("masks", "Masks")),
+    "ddti": (("images", "image"), ("masks", "mask")),
+    "isic": (("images",), ("masks",)),
+}
+_MASK_SUFFIXES = {"refuge": (".png", ".bmp"), "ddti": (".png",), "isic": (".png",)}
+_REFUGE_VALUES = {255: 0, 128: 1, 0: 2}  # background, disc rim, cup
+_BINARY_VALUES = {0: 0, 255: 1, 1: 1}
+_BRATS_NAMES = {
+    "t1": ("t1", "t1n"),
+    "t1ce": ("t1ce", "t1c"),
+    "t2": ("t2", "t2w"),
+    "flair": ("flair", "t2f"),
+    "seg": ("seg",),
+}
+
+
+def layout_spec(layout: str) -> LayoutSpec:
+    """The :class:`LayoutSpec` of a layout name; ConfigError for an unknown one."""
+    if layout not in _SPECS:
+        raise ConfigError(f"data.layout: unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    return _SPECS[layout]
+
+
+@dataclass
+class LayoutCase:
+    """One case: its image file(s) and (optionally) its mask.
+
+    Attributes:
+        name: Case name (file stem, or BraTS case folder name).
+        image_paths: One path per modality (one for 2-D layouts; a path may be a DICOM series
+            folder).
+        mask_path: Mask file, or None (allowed for prediction).
+        modalities: Modality names, one per path (2-D layouts: ``("image",)``).
+    """
+
+    name: str
+    image_paths: tuple[Path, ...]
+    mask_path: Path | None
+    modalities: tuple[str, ...] = ("image",)
+
+    @property
+    def image_path(self) -> Path:
+        """The first (for 2-D layouts: the only) image path."""
+        return self.image_paths[0]
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _first_dir(folder: Path, names: Sequence[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_dir()), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning folders
+# --------------------------------------------------------------------------------------------
+
+
+def _scan_planar(
+    folder: Path, layout: str, require_masks: bool
+) -> tuple[list[LayoutCase], list[str]]:
+    if layout == "generic":
+        cases, problems = _scan(folder, require_masks)
+        return [LayoutCase(c.name, (c.image_path,), c.mask_path) for c in cases], problems
+    image_names, mask_names = _PLANAR_DIRS[layout]
+    image_dir, mask_dir = _first_dir(folder, image_names), _first_dir(folder, mask_names)
+    if image_dir is None:
+        return [], [f"{folder}: no {image_names[0]}/ folder ({layout} layout)"]
+    problems: list[str] = []
+    suffixes = (*IMAGE_SUFFIXES, ".bmp") if layout == "refuge" else IMAGE_SUFFIXES
+    images: dict[str, Path] = {}
+    for path in _visible(image_dir):
+        if path.is_file() and path.suffix.lower() in suffixes:
+            if path.stem in images:
+                problems.append(f"{path}: same name as {images[path.stem].name}")
+                continue
+            images[path.stem] = path
+    if not images:
+        return [], [f"{image_dir}: no images found (looked for {', '.join(suffixes)})"]
+    masks: dict[str, Path] = {}
+    if mask_dir is not None:
+        for path in _visible(mask_dir):
+            if not path.is_file():
+                continue
+            stem = path.stem
+            if layout == "isic":
+                if not stem.endswith("_segmentation"):
+                    continue
+                stem = stem[: -len("_segmentation")]
+            if path.suffix.lower() in _MASK_SUFFIXES[layout]:
+                masks[stem] = path
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                lossless = ", ".join(_MASK_SUFFIXES[layout])
+                problems.append(f"{path}: masks must be lossless ({lossless})")
+    elif require_masks:
+        problems.append(f"{folder}: no {mask_names[0]}/ folder ({layout} layout)")
+    for stem in sorted(set(masks) - set(images)):
+        problems.append(f"{masks[stem]}: mask has no image in {image_dir}")
+    if require_masks:
+        for stem in sorted(set(images) - set(masks)):
+            problems.append(f"{images[stem]}: image has no mask")
+    cases = [LayoutCase(s, (images[s],), masks.get(s)) for s in sorted(images)]
+    return cases, problems
+
+
+def _brats_file(case_dir: Path, key: str) -> Path | None:
+    for alias in _BRATS_NAMES[key]:
+        for sep in ("_", "-"):
+            for suffix in (".nii.gz", ".nii"):
+                path = case_dir / f"{case_dir.name}{sep}{alias}{suffix}"
+                if path.is_file():
+                    return path
+    return None
+
+
+def _scan_brats(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], list[str]]:
+    case_dirs = [p for p in _visible(folder) if p.is_dir()]
+    if not case_dirs:
+        return [], [f"{folder}: no case folders (expected <case>/<case>_t1.nii.gz, ...)"]
+    cases, problems = [], []
+    for case_dir in case_dirs:
+        paths, missing = [], []
+        for modality in BRATS_MODALITIES:
+            path = _brats_file(case_dir, modality)
+            if path is None:
+                missing.append(modality)
+            paths.append(path)
+        if missing:
+            expected = case_dir / f"{case_dir.name}_{missing[0]}.nii.gz"
+            problems.append(f"{expected}: missing modality {', '.join(missing)} of BraTS case")
+            continue
+        seg = _brats_file(case_dir, "seg")
+        if seg is None and require_masks:
+            problems.append(f"{case_dir / (case_dir.name + '_seg.nii.gz')}: case has no mask")
+            continue
+        cases.append(LayoutCase(case_dir.name, tuple(paths), seg, BRATS_MODALITIES))
+    return cases, problems
+
+
+def _scan_volumes(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], list[str]]:
+    image_dir, mask_dir = folder / "images", folder / "masks"
+    if not image_dir.is_dir():
+        return [], [f"{folder}: no images/ folder (expected images/<name>.nii.gz + masks/)"]
+    problems: list[str] = []
+    images: dict[str, Path] = {}
+    for path in _visible(image_dir):
+        if volume_format(path) is None:
+            continue
+        stem = volume_stem(path)
+        if stem in images:
+            problems.append(f"{path}: same name as {images[stem].name}")
+            continue
+        images[stem] = path
+    if not images:
+        return [], [f"{image_dir}: no volumes found (.nii.gz, .nii, .nrrd or DICOM folders)"]
+    masks: dict[str, Path] = {}
+    if mask_dir.is_dir():
+        for path in _visible(mask_dir):
+            if volume_format(path) is not None:
+                masks[volume_stem(path)] = path
+    elif require_masks:
+        problems.append(f"{mask_dir}: masks folder does not exist")
+    for stem in sorted(set(masks) - set(images)):
+        problems.append(f"{masks[stem]}: mask has no image in {image_dir}")
+    if require_masks:
+        for stem in sorted(set(images) - set(masks)):
+            problems.append(f"{images[stem]}: image has no mask")
+    return [LayoutCase(s, (images[s],), masks.get(s)) for s in sorted(images)], problems
+
+
+def scan_layout(
+    folder: Path, layout: str, *, require_masks: bool
+) -> tuple[list[LayoutCase], list[str]]:
+    """List a folder's cases and every layout-level problem (one line each, path first)."""
+    spec = layout_spec(layout)
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        return [], [f"{folder}: data folder {what}"]
+    if not any(not p.name.startswith(".") for p in folder.iterdir()):
+        return [], [f"{folder}: data folder is empty"]
+    if spec.kind == "planar":
+        return _scan_planar(folder, layout, require_masks)
+    if layout == "brats":
+        return _scan_brats(folder, require_masks)
+    return _scan_volumes(folder, require_masks)
+
+
+def find_layout_cases(folder: Path, layout: str, *, require_masks: bool) -> list[LayoutCase]:
+    """The cases of ``folder`` in ``layout``, sorted by name; DataError on the first problem."""
+    cases, problems = scan_layout(folder, layout, require_masks=require_masks)
+    if problems:
+        raise DataError(problems[0])
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one case
+# --------------------------------------------------------------------------------------------
+
+
+def _map_values(
+    values: np.ndarray, mapping: Mapping[int, int], path: Path, meaning: str
+) -> np.ndarray:
+    present = np.unique(values)
+    unknown = [int(v) for v in present if int(v) not in mapping]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:_MAX_LISTED]))
+        raise DataError(f"{path}: mask value(s) {shown} are not {meaning}")
+    lookup = np.zeros(int(present.max(initial=0)) + 1, np.int64)
+    for value, label in mapping.items():
+        if value < lookup.size:
+            lookup[value] = label
+    return lookup[values]
+
+
+def read_planar_labels(path: Path, layout: str) -> np.ndarray:
+    """Read a 2-D mask of ``layout`` as an int64 (H, W) label map after the layout's mapping.
+
+    REFUGE 0/128/255 become 2 (cup) / 1 (disc rim) / 0; DDTI and ISIC 255 (or 1) becomes 1.
+
+    Raises:
+        DataError: The file is unreadable, or holds values the layout does not define.
+    """
+    labels = read_label_map(path)
+    if layout == "refuge":
+        return _map_values(labels, _REFUGE_VALUES, Path(path), "REFUGE values 0/128/255")
+    if layout in ("ddti", "isic"):
+        return _map_values(labels, _BINARY_VALUES, Path(path), "0 or 255 (or 0/1)")
+    return labels
+
+
+def load_planar_case(
+    case: LayoutCase, layout: str, classes: Mapping[str, Sequence[int]], in_channels: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read and validate a 2-D case: float32 image (in_channels, H, W), labels (H, W) or None."""
+    image = read_image(case.image_path)
+    channels = image.shape[0]
+    if channels == 3 and in_channels == 1 and layout == "ddti":
+        image = image.mean(axis=0, keepdims=True)  # ultrasound exported as RGB
+    elif channels == 1 and in_channels == 3:
+        image = np.repeat(image, 3, axis=0)
+    elif channels != in_channels:
+        raise DataError(
+            f"{case.image_path}: image has {channels} channel(s) but the model expects "
+            f"{in_channels}"
+        )
+    if case.mask_path is None:
+        return image, None
+    labels = read_planar_labels(case.mask_path, layout)
+    if labels.shape != image.shape[1:]:
+        (mh, mw), (ih, iw) = labels.shape, image.shape[1:]
+        raise DataError(f"{case.mask_path}: mask is {mw}x{mh} but its image is {iw}x{ih}")
+    labels_to_channels(labels, classes, source=str(case.mask_path))
+    return image, labels
+
+
+def _check_label_values(volume: Volume, classes: Mapping[str, Sequence[int]]) -> None:
+    values = np.unique(volume.data)
+    labels_to_channels(values[None, :], classes, source=str(volume.path))
+
+
+def load_volume_case(
+    case: LayoutCase, classes: Mapping[str, Sequence[int]], in_channels: int | None = None
+) -> tuple[list[Volume], Volume | None]:
+    """Read and validate a volume case: its modalities (same grid) and its label volume or None.
+
+    Raises:
+        DataError: A file is unreadable or has NaNs; a modality or the mask is on another grid
+            (shape or affine); the channels (modalities, 4-D channels) differ from
+            ``in_channels``; the mask has values outside the classes.
+    """
+    volumes = [read_volume(path) for path in case.image_paths]
+    for volume in volumes[1:]:
+        check_same_grid(volume, volumes[0])
+    channels = sum(v.channels for v in volumes)
+    if in_channels is not None and channels != in_channels:
+        raise DataError(
+            f"{case.image_path}: case has {channels} channel(s) but the model expects {in_channels}"
+        )
+    if case.mask_path is None:
+        return volumes, None
+    labels = read_label_volume(case.mask_path, reference=volumes[0])
+    _check_label_values(labels, classes)
+    return volumes, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class PlanarDataset(SegmentationFolder):
+    """A 2-D layout (refuge, ddti, isic, generic) as a dataset; items as SegmentationFolder's.
+
+    Args:
+        folder: The site's folder.
+        layout: A planar layout name.
+        classes, image_size, in_channels, require_masks, augment, seed: As
+            :class:`~.folder.SegmentationFolder`.
+
+    Raises:
+        DataError: The first problem :func:`~.check.check_dataset` would report.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        layout: str,
+        classes: Mapping[str, Sequence[int]],
+        image_size: int,
+        *,
+        in_channels: int,
+        require_masks: bool = True,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if layout_spec(layout).kind != "planar":
+            raise ConfigError(f"data.layout: {layout} is not a 2-D layout")
+        _class_labels(classes)
+        self.folder = Path(folder)
+        self.layout = layout
+        self.classes = {name: list(values) for name, values in classes.items()}
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.augment = augment
+        self.cases = find_layout_cases(self.folder, layout, require_masks=require_masks)
+        self._generator = torch.Generator().manual_seed(seed)
+        images, masks, sizes = [], [], []
+        for case in self.cases:
+            image, labels = load_planar_case(case, layout, self.classes, in_channels)
+            sizes.append((int(image.shape[1]), int(image.shape[2])))
+            images.append(_normalise(_resize_image(image, image_size)))
+            if labels is None:
+                masks.append(torch.zeros((len(self.classes), image_size, image_size), dtype=bool))
+            else:
+                small = _resize_labels(labels, image_size)
+                channels = labels_to_channels(small, self.classes, source=str(case.mask_path))
+                masks.append(torch.from_numpy(channels).bool())
+        self._images = torch.stack(images)
+        self._masks = torch.stack(masks)
+        self._sizes = sizes
+
+    def target_labels(self, index: int) -> np.ndarray | None:
+        """The case's (H, W) label map at its original size (after the layout's mapping)."""
+        case = self.cases[index]
+        return None if case.mask_path is None else read_planar_labels(case.mask_path, self.layout)
+
+
+def _normalise_volume(data: np.ndarray, mode: str) -> np.ndarray:
+    """Z-score one modality ``[i, j, k]``: over its non-zero voxels or its clipped whole volume."""
+    data = data.astype(np.float32)
+    if mode == "nonzero":
+        inside = data != 0
+        if inside.sum() > 1:
+            values = data[inside]
+            out = (data - values.mean()) / (values.std() + 1e-6)
+            out[~inside] = 0.0  # background stays 0, as in BraTS practice
+            return out
+    low, high = np.percentile(data, [0.5, 99.5])
+    clipped = np.clip(data, low, high)
+    return (clipped - clipped.mean()) / (clipped.std() + 1e-6)
+
+
+@dataclass
+class _VolumeCase:
+    case: LayoutCase
+    reference: Volume  # geometry only (data is a zero-size broadcast view)
+    axis: int
+    slices: list[int]
+
+
+class SliceDataset(SegmentationFolder):
+    """Volume cases as a dataset of 2-D slices along each volume's axial axis.
+
+    Each item is a dict with SegmentationFolder's keys plus where the slice came from:
+
+    - ``"image"``: float32 (C, S, S): modalities (then 4-D channels) stacked; each modality
+      z-scored over its whole volume (``normalise``), then the slice resized to S x S.
+    - ``"mask"``: float32 {0, 1} (M, S, S), one channel per class; zeros without a mask.
+    - ``"name"``: ``"<case>@<slice index>"``, e.g. ``"BraTS-00001@012"``.
+    - ``"original_size"``: (H, W) of the slice in voxels: the volume's two in-plane axes in
+      ``[i, j, k]`` order (for the usual axial volume, H = I and W = J).
+    - ``"case"``: the case name; ``"slice_index"``: the index along the axial axis.
+
+    Write predictions back with :meth:`write_prediction`, which assembles a case's slices into a
+    volume on the image's grid.
+
+    Args:
+        cases: Volume cases (e.g. from :func:`find_layout_cases`).
+        classes: Channel name -> label values.
+        image_size: Side S of the square tensors.
+        in_channels: Expected channels per case (None: take the first case's).
+        normalise: ``"nonzero"`` (z-score over non-zero voxels, background kept 0: skull-stripped
+            MRI) or ``"volume"`` (clip to the 0.5-99.5 percentiles, z-score all voxels: CT, MRI
+            with background).
+        skip_empty: Keep only slices whose mask has a labelled voxel (training); cases without a
+            mask keep all slices.
+        augment, seed: As SegmentationFolder.
+
+    All cases are read and validated at construction and the kept slices held in memory.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[LayoutCase],
+        classes: Mapping[str, Sequence[int]],
+        image_size: int,
+        *,
+        in_channels: int | None = None,
+        normalise: Literal["nonzero", "volume"] = "volume",
+        skip_empty: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        _class_labels(classes)
+        self.classes = {name: list(values) for name, values in classes.items()}
+        self.image_size = image_size
+        self.augment = augment
+        self._generator = torch.Generator().manual_seed(seed)
+        self.volume_cases: dict[str, _VolumeCase] = {}
+        self.cases: list[LayoutCase] = []  # one entry per item (slice), for API parity
+        self._slice_index: list[int] = []
+        images, masks, sizes = [], [], []
+        for case in cases:
+            volumes, labels = load_volume_case(case, self.classes, in_channels)
+            channels = [v.data[..., None] if v.data.ndim == 3 else v.data for v in volumes]
+            planes = [c[..., n] for c in channels for n in range(c.shape[3])]
+            stacked = np.stack([_normalise_volume(p, normalise) for p in planes])  # (C, I, J, K)
+            in_channels = stacked.shape[0] if in_channels is None else in_channels
+            reference = volumes[0]
+            axis = axial_axis(reference.affine)
+            depth = reference.shape[axis]
+            if skip_empty and labels is not None:
+                other = tuple(a for a in range(3) if a != axis)
+                keep = np.flatnonzero((labels.data != 0).any(axis=other)).tolist()
+            else:
+                keep = list(range(depth))
+            geometry = Volume(
+                np.broadcast_to(np.zeros((), np.uint8), reference.shape),
+                reference.affine,
+                reference.path,
+                reference.format,
+                reference.header,
+            )
+            self.volume_cases[case.name] = _VolumeCase(case, geometry, axis, keep)
+            for k in keep:
+                image = np.ascontiguousarray(np.take(stacked, k, axis=axis + 1))
+                sizes.append((int(image.shape[1]), int(image.shape[2])))
+                images.append(_resize_image(image, image_size))
+                if labels is None:
+                    empty = (len(self.classes), image_size, image_size)
+                    masks.append(torch.zeros(empty, dtype=bool))
+                else:
+                    small = _resize_labels(np.take(labels.data, k, axis=axis), image_size)
+                    channels_k = labels_to_channels(small, self.classes, source=str(case.mask_path))
+                    masks.append(torch.from_numpy(channels_k).bool())
+                self.cases.append(case)
+                self._slice_index.append(k)
+        self.in_channels = in_channels
+        if not images:
+            raise DataError("no slices: every case's mask is empty (skip_empty is on)")
+        self._images = torch.stack(images)
+        self._masks = torch.stack(masks)
+        self._sizes = sizes
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        case, k = self.cases[index].name, self._slice_index[index]
+        item.update(name=f"{case}@{k:03d}", case=case, slice_index=k)
+        return item
+
+    def reference(self, case: str) -> Volume:
+        """The geometry of a case's (first) image: shape, affine, header; no voxel data."""
+        return self.volume_cases[case].reference
+
+    def slices_of(self, case: str) -> list[int]:
+        """The slice indices of ``case`` that are items, ascending."""
+        return list(self.volume_cases[case].slices)
+
+    def assemble(
+        self, case: str, slices: Mapping[int, np.ndarray], *, dtype: np.dtype | type = np.uint8
+    ) -> np.ndarray:
+        """Put (H, W) slices (at ``original_size``) back into an ``[i, j, k]`` volume.
+
+        Slices not given are 0.
+        """
+        entry = self.volume_cases[case]
+        volume = np.zeros(entry.reference.shape, dtype=dtype)
+        for k, plane in slices.items():
+            view = np.moveaxis(volume, entry.axis, 0)[k]
+            if view.shape != np.shape(plane):
+                raise ValueError(f"slice {k} of {case} must be {view.shape}, got {np.shape(plane)}")
+            view[...] = plane
+        return volume
+
+    def output_name(self, case: str) -> str:
+        """File name of a case's prediction: the input's format (DICOM series -> NIfTI)."""
+        reference = self.volume_cases[case].reference
+        if reference.format == "nrrd":
+            return f"{case}.nrrd"
+        if reference.format == "nifti" and reference.path.name.lower().endswith(".nii"):
+            return f"{case}.nii"
+        return f"{case}.nii.gz"
+
+    def write_prediction(
+        self,
+        out_dir: Path,
+        case: str,
+        labels: Mapping[int, np.ndarray],
+        uncertainty: Mapping[int, np.ndarray] | None = None,
+    ) -> list[Path]:
+        """Write ``out_dir/masks/<case>.<ext>`` (uint8 labels) and, if given,
+        ``out_dir/uncertainty/<case>.<ext>`` (float32 in [0, 1]) on the case's image grid.
+
+        Args:
+            out_dir: Output folder.
+            case: Case name.
+            labels: Slice index -> (H, W) label map at the slice's ``original_size``.
+            uncertainty: Slice index -> (H, W) uncertainty, same sizes.
+
+        Returns:
+            The written paths.
+        """
+        reference = self.reference(case)
+        name = self.output_name(case)
+        label_volume = self.assemble(case, labels)
+        paths = [write_label_volume(Path(out_dir) / "masks" / name, label_volume, reference)]
+        if uncertainty is not None:
+            volume = self.assemble(case, uncertainty, dtype=np.float32)
+            paths.append(write_volume(Path(out_dir) / "uncertainty" / name, volume, reference))
+        return paths
+
+    def target_labels(self, index: int) -> np.ndarray | None:
+        """The item's (H, W) label slice at its original size, or None without a mask."""
+        case = self.cases[index]
+        if case.mask_path is None:
+            return None
+        entry = self.volume_cases[case.name]
+        labels = read_label_volume(case.mask_path).data
+        return np.take(labels, self._slice_index[index], axis=entry.axis)
+
+
+def open_dataset(
+    folder: Path,
+    layout: str,
+    classes: Mapping[str, Sequence[int]] | None,
+    image_size: int,
+    *,
+    in_channels: int | None = None,
+    require_masks: bool = True,
+    augment: bool = False,
+    seed: int = 0,
+    skip_empty: bool = False,
+) -> Dataset:
+    """The dataset of a site folder in any layout.
+
+    ``generic`` gives a :class:`~.folder.SegmentationFolder`, the other 2-D layouts a
+    :class:`PlanarDataset` and the volume layouts a :class:`SliceDataset`. ``classes`` and
+    ``in_channels`` default to the layout's (:func:`layout_spec`); ``skip_empty`` applies to
+    volume layouts only.
+    """
+    spec = layout_spec(layout)
+    classes = spec.classes if classes is None else classes
+    channels = in_channels or spec.in_channels
+    if spec.kind == "planar":
+        if channels is None:
+            raise ConfigError("data.image_channels: needed for the generic layout")
+        if layout == "generic":
+            return SegmentationFolder(
+                folder,
+                classes,
+                image_size,
+                in_channels=channels,
+                require_masks=require_masks,
+                augment=augment,
+                seed=seed,
+            )
+        return PlanarDataset(
+            folder,
+            layout,
+            classes,
+            image_size,
+            in_channels=channels,
+            require_masks=require_masks,
+            augment=augment,
+            seed=seed,
+        )
+    cases = find_layout_cases(folder, layout, require_masks=require_masks)
+    return SliceDataset(
+        cases,
+        classes,
+        image_size,
+        in_channels=channels,
+        normalise=spec.normalise,
+        skip_empty=skip_empty,
+        augment=augment,
+        seed=seed,
+    )

@@ -1,0 +1,489 @@
+"""3-D medical volumes: NIfTI, NRRD and DICOM series in, label volumes out, geometry kept.
+
+Array convention (used by every function here and by :mod:`.layouts`): a volume's voxels are a
+numpy array indexed ``[i, j, k]`` in the file's own voxel order (nibabel's order: ``i`` varies
+fastest on disk), with an optional 4th axis for the channels/time of a 4-D file. Its geometry is a
+4x4 ``affine`` mapping voxel indices ``(i, j, k, 1)`` to world coordinates in millimetres in
+**RAS+** as in NIfTI (+x towards the patient's right, +y anterior, +z superior). NRRD and
+DICOM files, which store LPS geometry, are converted to RAS on reading and back on writing, so
+one affine describes every format.
+
+Nothing is resampled or reoriented: a prediction written with :func:`write_label_volume` lies on
+exactly the voxel grid of the image it was made from, which is what viewers and hospital tools
+expect. 2-D slices are taken along the voxel axis closest to the world's superior axis
+(:func:`axial_axis`), "axial" for the usual acquisitions.
+
+Library choices:
+
+- **nibabel** for NIfTI: the reference reader/writer of the format, it keeps the whole header
+  (qform/sform codes, units, descriptions), so a prediction can carry its image's header.
+- **SimpleITK** for NRRD: it applies the file's ``space`` (LPS, RAS, ...) and ``space
+  directions`` fields to a proper direction matrix on reading and writing; pynrrd returns the raw
+  header fields and leaves that bookkeeping to the caller.
+- **pydicom** for DICOM series: the series checks need every slice's own tags
+  (InstanceNumber, ImagePositionPatient, rescale slope/intercept); a series reader that sorts and
+  stacks silently (SimpleITK's) would hide missing or duplicated slices.
+
+Every problem with a file raises :class:`~medsegdiff_core.errors.DataError` with a one-line
+message that starts with the offending path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import DataError
+
+__all__ = [
+    "VOLUME_SUFFIXES",
+    "Volume",
+    "axial_axis",
+    "check_same_grid",
+    "is_volume_path",
+    "read_dicom_series",
+    "read_label_volume",
+    "read_volume",
+    "volume_format",
+    "volume_stem",
+    "write_label_volume",
+    "write_volume",
+]
+
+VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+"""File suffixes read as volumes (case-insensitive); a folder of DICOM files is a series."""
+
+VolumeFormat = Literal["nifti", "nrrd", "dicom"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_AFFINE_TOLERANCE_MM = 1e-3  # positions may differ by float rounding between writers
+_MAX_LISTED = 5
+
+
+@dataclass
+class Volume:
+    """A volume in memory.
+
+    Attributes:
+        data: Voxels ``[i, j, k]`` or ``[i, j, k, c]`` (4-D files: channels last), float32 for
+            images after rescaling, integers for label volumes.
+        affine: 4x4 float64 voxel -> world (RAS+, mm) matrix.
+        path: Where it was read from (file, or folder for a DICOM series).
+        format: ``"nifti"``, ``"nrrd"`` or ``"dicom"``.
+        header: nibabel header of a NIfTI file (copied into predictions), else None.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: Path
+    format: VolumeFormat
+    header: Any = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape ``(I, J, K)`` in voxels."""
+        return tuple(int(n) for n in self.data.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along ``i, j, k`` in mm (lengths of the affine's columns)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        """Channels of a 4-D file, 1 for a 3-D one."""
+        return 1 if self.data.ndim == 3 else int(self.data.shape[3])
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def volume_format(path: Path) -> VolumeFormat | None:
+    """``"nifti"``, ``"nrrd"`` or ``"dicom"`` (a folder) for a volume path, else None."""
+    path = Path(path)
+    if path.is_dir():
+        return "dicom"
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".nrrd", ".nhdr")):
+        return "nrrd"
+    if name.endswith(".dcm"):
+        return "dicom"
+    return None
+
+
+def is_volume_path(path: Path) -> bool:
+    """Whether ``path`` names a NIfTI or NRRD file (by suffix) or is a folder (DICOM series)."""
+    return volume_format(path) is not None
+
+
+def volume_stem(path: Path) -> str:
+    """File name without a volume suffix: ``case1.nii.gz`` -> ``case1``."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis (0, 1 or 2) whose world direction is closest to superior-inferior."""
+    directions = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = directions / np.maximum(np.linalg.norm(directions, axis=0), 1e-12)
+    return int(np.argmax(np.abs(unit[2])))
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    if np.issubdtype(data.dtype, np.floating):
+        bad = ~np.isfinite(data)
+        if bad.any():
+            where = tuple(int(v) for v in np.argwhere(bad)[0])
+            raise DataError(
+                f"{path}: {int(bad.sum())} voxel(s) are NaN or infinite (first at voxel {where})"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# NIfTI (nibabel)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path), mmap=False)
+        # Scaled data as float32 (scl_slope/inter applied); integer files stay exact.
+        data = np.asarray(image.dataobj)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file does not exist") from None
+    except Exception as error:  # nibabel/gzip/zlib raise many types for truncated files
+        what = "file is empty" if path.stat().st_size == 0 else _first_line(error)
+        raise DataError(f"{path}: cannot read NIfTI ({what})") from None
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim == 5 and data.shape[3] == 1:  # (I, J, K, 1, C): NIfTI's vector intent
+        data = data[:, :, :, 0]
+    if data.ndim not in (3, 4):
+        raise DataError(f"{path}: expected a 3-D or 4-D volume, got shape {data.shape}")
+    affine = image.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: NIfTI header has no valid voxel-to-world affine")
+    return Volume(data, np.asarray(affine, dtype=np.float64), path, "nifti", image.header)
+
+
+# --------------------------------------------------------------------------------------------
+# NRRD (SimpleITK)
+# --------------------------------------------------------------------------------------------
+
+
+def _sitk_affine(image: Any) -> np.ndarray:
+    """RAS affine of a SimpleITK image (whose geometry is LPS)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing[None, :]
+    affine[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ affine
+
+
+def _read_nrrd(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)  # (K, J, I) or (K, J, I, C)
+    except Exception as error:
+        what = "file is empty" if path.stat().st_size == 0 else _first_line(error)
+        raise DataError(f"{path}: cannot read NRRD ({what})") from None
+    if image.GetDimension() != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got {image.GetDimension()}-D")
+    data = np.ascontiguousarray(np.moveaxis(array, (0, 1, 2), (2, 1, 0)))
+    return Volume(data, _sitk_affine(image), path, "nrrd")
+
+
+def _write_sitk(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(data, (0, 1, 2), (2, 1, 0))))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()])
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM series (pydicom)
+# --------------------------------------------------------------------------------------------
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
+
+
+def read_dicom_series(folder: Path) -> Volume:
+    """Read one DICOM series (every file of ``folder``) as a float32 volume.
+
+    Slices are ordered by their position along the slice normal (ImagePositionPatient projected
+    on the cross product of ImageOrientationPatient's row and column directions), not by file
+    name; values are ``stored * RescaleSlope + RescaleIntercept`` (e.g. Hounsfield units). The
+    volume is indexed ``[i, j, k]`` = (column, row, slice), and the affine is the RAS version of
+    the DICOM patient (LPS) geometry; slice spacing comes from the positions, not
+    SliceThickness.
+
+    Raises:
+        DataError: A file is not DICOM or has no pixel data; the files belong to several series;
+            slices differ in size or orientation; two slices share a position or an
+            InstanceNumber (duplicated); positions or InstanceNumbers leave a gap (missing).
+    """
+    import pydicom
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: DICOM series folder does not exist")
+    files = _dicom_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no DICOM files in the series folder")
+    slices = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array
+        except Exception as error:
+            what = "file is empty" if path.stat().st_size == 0 else _first_line(error)
+            raise DataError(f"{path}: cannot read DICOM ({what})") from None
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if tag not in ds:
+                raise DataError(f"{path}: DICOM slice has no {tag}; cannot place it in 3-D")
+        if pixels.ndim != 2:
+            raise DataError(
+                f"{path}: expected one 2-D grey slice per file, got pixel data {pixels.shape}"
+            )
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        slices.append((path, ds, pixels.astype(np.float64) * slope + intercept))
+
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds, _ in slices}
+    if len(series) > 1:
+        raise DataError(f"{folder}: holds {len(series)} DICOM series; put one series per folder")
+    path0, ds0, pixels0 = slices[0]
+    orientation = np.asarray(ds0.ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    row_spacing, col_spacing = (float(v) for v in ds0.PixelSpacing)
+    for path, ds, pixels in slices[1:]:
+        if pixels.shape != pixels0.shape:
+            raise DataError(f"{path}: slice is {pixels.shape} but {path0.name} is {pixels0.shape}")
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), orientation):
+            raise DataError(f"{path}: ImageOrientationPatient differs from {path0.name}'s")
+
+    def position(ds: Any) -> np.ndarray:
+        return np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+
+    slices.sort(key=lambda item: float(position(item[1]) @ normal))
+    offsets = np.asarray([float(position(ds) @ normal) for _, ds, _ in slices])
+    numbers = [getattr(ds, "InstanceNumber", None) for _, ds, _ in slices]
+
+    seen: dict[int, Path] = {}
+    for (path, _, _), number in zip(slices, numbers, strict=True):
+        if number is None:
+            continue
+        if int(number) in seen:
+            raise DataError(
+                f"{path}: duplicated slice: InstanceNumber {int(number)} also in "
+                f"{seen[int(number)].name}"
+            )
+        seen[int(number)] = path
+    if len(slices) > 1:
+        gaps = np.diff(offsets)
+        tolerance = max(1e-3, 0.01 * float(np.max(np.abs(gaps))))
+        for index, gap in enumerate(gaps):
+            if gap < tolerance:
+                raise DataError(
+                    f"{slices[index + 1][0]}: duplicated slice: same position as "
+                    f"{slices[index][0].name} ({offsets[index]:.2f} mm along the slice normal)"
+                )
+        step = float(np.median(gaps))
+        for index, gap in enumerate(gaps):
+            if abs(gap - step) > max(0.1 * step, 1e-3):
+                missing = max(round(gap / step) - 1, 1)
+                raise DataError(
+                    f"{folder}: missing slice(s): {missing} gap(s) of {gap:.2f} mm between "
+                    f"{slices[index][0].name} and {slices[index + 1][0].name} "
+                    f"(series spacing {step:.2f} mm)"
+                )
+    if len(seen) == len(slices) > 1:
+        ordered = sorted(seen)
+        if ordered[-1] - ordered[0] + 1 != len(ordered):
+            holes = sorted(set(range(ordered[0], ordered[-1] + 1)) - set(ordered))
+            shown = ", ".join(str(n) for n in holes[:_MAX_LISTED])
+            raise DataError(f"{folder}: missing slice(s): InstanceNumber {shown} not found")
+
+    # Stored pixels are (rows, columns) = (j, i); stack as [i, j, k].
+    data = np.stack([pixels.T for _, _, pixels in slices], axis=2).astype(np.float32)
+    if len(slices) > 1:
+        slice_step = (position(slices[-1][1]) - position(slices[0][1])) / (len(slices) - 1)
+    else:
+        thickness = float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
+        slice_step = normal * thickness
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # i runs along a row: the column spacing
+    lps[:3, 1] = col_dir * row_spacing
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = position(slices[0][1])
+    _check_finite(data, folder)
+    return Volume(data, _LPS_TO_RAS @ lps, folder, "dicom")
+
+
+# --------------------------------------------------------------------------------------------
+# Public readers and writers
+# --------------------------------------------------------------------------------------------
+
+
+def read_volume(path: Path) -> Volume:
+    """Read a NIfTI/NRRD file or a DICOM series folder as a float32 volume.
+
+    Returns:
+        A :class:`Volume` with ``data`` float32 ``[i, j, k]`` (or ``[i, j, k, c]``) in the
+        file's physical units (DICOM: rescaled, e.g. HU) and the RAS affine.
+
+    Raises:
+        DataError: The path is missing, of an unknown kind, truncated or corrupt, or has NaN or
+            infinite voxels.
+    """
+    path = Path(path)
+    kind = volume_format(path)
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    if kind == "nifti":
+        volume = _read_nifti(path)
+    elif kind == "nrrd":
+        volume = _read_nrrd(path)
+    elif kind == "dicom":
+        volume = read_dicom_series(path if path.is_dir() else path.parent)
+    else:
+        kinds = ", ".join(VOLUME_SUFFIXES)
+        raise DataError(f"{path}: not a volume (expected {kinds} or a DICOM series folder)")
+    _check_finite(volume.data, path)
+    volume.data = volume.data.astype(np.float32, copy=False)
+    return volume
+
+
+def read_label_volume(path: Path, reference: Volume | None = None) -> Volume:
+    """Read a label volume as int64 ``[i, j, k]``; optionally check it lies on ``reference``'s grid.
+
+    Raises:
+        DataError: As :func:`read_volume`; or the volume is 4-D, has non-integer values, or
+            differs from the reference in shape or affine.
+    """
+    path = Path(path)
+    volume = read_volume(path)
+    data = volume.data
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: a label volume must be 3-D, got shape {data.shape}")
+    if not np.array_equal(data, np.round(data)):
+        raise DataError(f"{path}: label volume has non-integer values (not a label map)")
+    volume.data = data.astype(np.int64)
+    if reference is not None:
+        check_same_grid(volume, reference)
+    return volume
+
+
+def check_same_grid(volume: Volume, reference: Volume) -> None:
+    """Raise DataError (naming ``volume.path``) unless it has ``reference``'s shape and affine."""
+    if volume.shape != reference.shape:
+        raise DataError(
+            f"{volume.path}: shape {'x'.join(map(str, volume.shape))} differs from its image "
+            f"{reference.path.name} ({'x'.join(map(str, reference.shape))})"
+        )
+    # Compare where the grid's corners land, in mm, and the voxel sizes.
+    corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+    corners[:, :3] *= np.asarray(reference.shape, float) - 1
+    shift = float(np.abs(corners @ (volume.affine - reference.affine).T)[:, :3].max())
+    spacing = float(np.abs(np.subtract(volume.spacing, reference.spacing)).max())
+    if max(shift, spacing) > _AFFINE_TOLERANCE_MM:
+        raise DataError(
+            f"{volume.path}: voxel-to-world affine differs from its image {reference.path.name} "
+            f"(up to {max(shift, spacing):.3g} mm apart)"
+        )
+
+
+def _output_format(path: Path) -> VolumeFormat:
+    kind = volume_format(path) if not Path(path).is_dir() else None
+    if kind not in ("nifti", "nrrd"):
+        raise ValueError(f"{path}: write volumes as .nii, .nii.gz or .nrrd")
+    return kind
+
+
+def write_volume(path: Path, data: np.ndarray, reference: Volume, *, dtype: Any = None) -> Path:
+    """Write ``data`` (``[i, j, k]``, reference's shape) on ``reference``'s grid; returns ``path``.
+
+    The format follows ``path``'s suffix (``.nii``/``.nii.gz``: nibabel, with the reference's
+    NIfTI header copied when it has one; ``.nrrd``: SimpleITK). ``dtype`` defaults to
+    ``data``'s.
+    """
+    path = Path(path)
+    data = np.asarray(data)
+    if tuple(data.shape[:3]) != reference.shape or data.ndim != 3:
+        raise ValueError(f"data must be {reference.shape} [i, j, k], got {data.shape}")
+    data = data.astype(dtype or data.dtype, copy=False)
+    kind = _output_format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "nifti":
+        import nibabel as nib
+
+        header = reference.header.copy() if reference.header is not None else None
+        image = nib.Nifti1Image(data, reference.affine, header=header)
+        image.set_data_dtype(data.dtype)
+        # Label and probability values are stored as is, never rescaled.
+        image.header.set_slope_inter(1.0, 0.0)
+        if header is not None:
+            image.set_qform(reference.affine, code=int(header["qform_code"]) or 1)
+            image.set_sform(reference.affine, code=int(header["sform_code"]) or 1)
+        else:
+            image.set_qform(reference.affine, code=1)
+            image.set_sform(reference.affine, code=1)
+        nib.save(image, str(path))
+    else:
+        _write_sitk(path, data, reference.affine)
+    return path
+
+
+def write_label_volume(path: Path, labels: np.ndarray, reference: Volume) -> Path:
+    """Write an integer label volume on the grid of the image it was predicted from.
+
+    Args:
+        path: ``.nii.gz``/``.nii`` (the reference's NIfTI header is copied: affine, qform/sform
+            codes, units) or ``.nrrd``; parent folders are created.
+        labels: ``[i, j, k]`` label values 0..255 with the reference's spatial shape (the
+            same voxel order as :attr:`Volume.data`).
+        reference: The image volume (as read by :func:`read_volume`).
+
+    Returns:
+        The written path; it has exactly the reference's shape and affine, dtype uint8.
+    """
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"label values must be in 0..255, got {labels.min()}..{labels.max()}")
+    return write_volume(path, labels, reference, dtype=np.uint8)
