@@ -56,6 +56,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _model_from(msg, site)
     torch.manual_seed(site.seed(server_round, "noise"))
     data = site.dataset("train", augment=config.data.augment)
+    data.reseed(site.seed(server_round, "augment"))  # the cached dataset outlives the round
     batches = random_batches(
         data, config.train.batch_size, seed=site.seed(server_round, "batches"), device=site.device
     )

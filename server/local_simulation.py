@@ -98,7 +98,11 @@ def run_local(
     """``flwr run . local --stream`` from the app root; always stops the SuperLink after."""
     flwr_home = Path(flwr_home).resolve()
     write_flower_config(flwr_home, num_supernodes)
-    env = dict(os.environ, FLWR_HOME=str(flwr_home))
+    # The app's dependencies (torch among them) are installed in this environment already; by
+    # default Flower would resolve and install them again into a fresh one for every run.
+    env = dict(
+        os.environ, FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1"
+    )
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = ["flwr", "run", ".", "local", "--stream", *extra_args]
     if run_config:

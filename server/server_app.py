@@ -99,7 +99,12 @@ def run_round(
     else:
         new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
         arrays = new_arrays if new_arrays is not None else arrays
-        record["train"] = dict(train_metrics or {})
+        # Flower's weighted average drops the weighting key; the total is worth keeping.
+        record["train"] = dict(train_metrics or {}) | {
+            "num-examples": sum(
+                int(m.content["metrics"]["num-examples"]) for m in screening.accepted
+            )
+        }
     train_wall = time.monotonic() - start
     site_train = _site_metrics(screening.accepted)
     slowest = max((m.get("train-seconds", 0.0) for m in site_train.values()), default=0.0)

@@ -29,10 +29,9 @@ class Screening:
 
 def site_name(msg: Message) -> str:
     """The site's own name when it sent one, else its node id."""
-    try:
-        return str(msg.content["site"]["name"])
-    except (KeyError, TypeError, AttributeError):
-        return f"node-{msg.metadata.src_node_id}"
+    if msg.has_content() and "site" in msg.content.config_records:
+        return str(msg.content["site"].get("name", f"node-{msg.metadata.src_node_id}"))
+    return f"node-{msg.metadata.src_node_id}"
 
 
 def _structural_problem(msg: Message, reference: dict[str, np.ndarray]) -> str | None:

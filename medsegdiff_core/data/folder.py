@@ -466,6 +466,11 @@ class SegmentationFolder(Dataset):
             "original_size": self._sizes[index],
         }
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream, e.g. per federated round, so that a round replayed
+        in a fresh process (after a crash) augments exactly as the first attempt did."""
+        self._generator.manual_seed(seed)
+
     def _augment(
         self, image: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
