@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from medsegdiff_core.checkpoint import load_checkpoint
@@ -19,6 +20,7 @@ from medsegdiff_core.metrics import segmentation_metrics
 from medsegdiff_core.training import fit
 
 
+@pytest.mark.timeout(1800)  # about 90 s on an idle 2-core machine; generous for a busy one
 def test_tiny_model_learns_disc_and_cup(fundus_sites: list[Path], tmp_path: Path) -> None:
     config = parse_config(
         {
