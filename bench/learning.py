@@ -149,25 +149,30 @@ def main() -> None:
 
     figures: dict[str, dict] = {}
     k, fast = args.ensemble, args.fast_steps
-    figures[f"fast dpm++ {fast} x{k} (all {len(held_out)})"] = score_diffusion(
-        loaded, held_out, "dpm++", fast, k
-    )
-    figures[f"fast ddim {fast} x{k} (all {len(held_out)})"] = score_diffusion(
-        loaded, held_out, "ddim", fast, k
-    )
-    figures[f"BasicUNet (all {len(held_out)})"] = score_unet(unet, held_out)
-    figures[f"fast dpm++ {fast} x{k} (subset {len(subset)})"] = score_diffusion(
-        loaded, subset, "dpm++", fast, k
-    )
-    figures[f"BasicUNet (subset {len(subset)})"] = score_unet(unet, subset)
-    figures[f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})"] = score_diffusion(
-        loaded, subset, "ddpm", args.ddpm_steps, k
-    )
+    print(f"\n{'held-out Dice':<44} {'disc':>9} {'cup':>9} {'mean':>9} {'s/image':>10}")
 
-    print()
-    print(f"{'held-out Dice':<44} {'disc':>9} {'cup':>9} {'mean':>9} {'s/image':>10}")
-    for name, value in figures.items():
-        print(row(name, value))
+    def record(name: str, value: dict) -> None:
+        figures[name] = value
+        print(row(name, value), flush=True)  # as soon as measured: the DDPM rows take long
+
+    record(
+        f"fast dpm++ {fast} x{k} (all {len(held_out)})",
+        score_diffusion(loaded, held_out, "dpm++", fast, k),
+    )
+    record(
+        f"fast ddim {fast} x{k} (all {len(held_out)})",
+        score_diffusion(loaded, held_out, "ddim", fast, k),
+    )
+    record(f"BasicUNet (all {len(held_out)})", score_unet(unet, held_out))
+    record(
+        f"fast dpm++ {fast} x{k} (subset {len(subset)})",
+        score_diffusion(loaded, subset, "dpm++", fast, k),
+    )
+    record(f"BasicUNet (subset {len(subset)})", score_unet(unet, subset))
+    record(
+        f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})",
+        score_diffusion(loaded, subset, "ddpm", args.ddpm_steps, k),
+    )
     ddpm = figures[f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})"]["summary"]
     fast_sub = figures[f"fast dpm++ {fast} x{k} (subset {len(subset)})"]["summary"]
     gap = [100 * (fast_sub["per_class"][c]["dice"] - ddpm["per_class"][c]["dice"]) for c in CLASSES]
