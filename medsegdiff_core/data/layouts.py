@@ -217,13 +217,7 @@ def _scan_planar(
                 problems.append(f"{path}: masks must be lossless ({lossless})")
     elif require_masks:
         problems.append(f"{folder}: no {mask_names[0]}/ folder ({layout} layout)")
-    for stem in sorted(set(masks) - set(images)):
-        problems.append(f"{masks[stem]}: mask has no image in {image_dir}")
-    if require_masks:
-        for stem in sorted(set(images) - set(masks)):
-            problems.append(f"{images[stem]}: image has no mask")
-    cases = [LayoutCase(s, (images[s],), masks.get(s)) for s in sorted(images)]
-    return cases, problems
+    return _pair_by_stem(images, masks, image_dir, require_masks, problems)
 
 
 def _brats_file(case_dir: Path, key: str) -> Path | None:
@@ -283,12 +277,7 @@ def _scan_volumes(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], 
                 masks[volume_stem(path)] = path
     elif require_masks:
         problems.append(f"{mask_dir}: masks folder does not exist")
-    for stem in sorted(set(masks) - set(images)):
-        problems.append(f"{masks[stem]}: mask has no image in {image_dir}")
-    if require_masks:
-        for stem in sorted(set(images) - set(masks)):
-            problems.append(f"{images[stem]}: image has no mask")
-    return [LayoutCase(s, (images[s],), masks.get(s)) for s in sorted(images)], problems
+    return _pair_by_stem(images, masks, image_dir, require_masks, problems)
 
 
 def scan_layout(
@@ -724,3 +713,19 @@ def open_dataset(
         augment=augment,
         seed=seed,
     )
+
+
+def _pair_by_stem(
+    images: dict[str, Path],
+    masks: dict[str, Path],
+    image_dir: Path,
+    require_masks: bool,
+    problems: list[str],
+) -> tuple[list[LayoutCase], list[str]]:
+    """Match images and masks by file stem; unmatched files become problems."""
+    for stem in sorted(set(masks) - set(images)):
+        problems.append(f"{masks[stem]}: mask has no image in {image_dir}")
+    if require_masks:
+        for stem in sorted(set(images) - set(masks)):
+            problems.append(f"{images[stem]}: image has no mask")
+    return [LayoutCase(s, (images[s],), masks.get(s)) for s in sorted(images)], problems
