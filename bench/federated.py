@@ -32,7 +32,6 @@ from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
 from medsegdiff_core.config import load_config  # noqa: E402
 from medsegdiff_core.data import SegmentationFolder  # noqa: E402
 from medsegdiff_core.data.synthetic import write_fundus_sites  # noqa: E402
-from medsegdiff_core.diffusion import NoiseSchedule  # noqa: E402
 from medsegdiff_core.inference import evaluate_dataset  # noqa: E402
 from medsegdiff_core.training import fit  # noqa: E402
 from server.local_simulation import run_local  # noqa: E402
@@ -43,7 +42,7 @@ SITES = 3
 def score(checkpoint: Path, tests: list[SegmentationFolder], config) -> dict[str, float]:
     """Mean Dice (over classes) per site's test split, and their mean."""
     loaded = load_checkpoint(checkpoint)
-    schedule = NoiseSchedule.from_name(loaded.diffusion.schedule, loaded.diffusion.steps)
+    schedule = loaded.diffusion.noise_schedule()
     result = {}
     for index, test in enumerate(tests):
         _, summary = evaluate_dataset(

@@ -27,7 +27,6 @@ from medsegdiff_core.checkpoint import load_checkpoint
 from medsegdiff_core.config import InferenceConfig, load_config
 from medsegdiff_core.data import SegmentationFolder
 from medsegdiff_core.data.synthetic import write_fundus_sites
-from medsegdiff_core.diffusion import NoiseSchedule
 from medsegdiff_core.inference import evaluate_dataset
 from medsegdiff_core.metrics import segmentation_metrics, summarize
 from medsegdiff_core.training import fit, random_batches, seed_everything
@@ -70,7 +69,7 @@ def score_unet(net: nn.Module, dataset) -> dict:
 
 
 def score_diffusion(loaded, dataset, sampler: str, steps: int, ensemble: int) -> dict:
-    schedule = NoiseSchedule.from_name(loaded.diffusion.schedule, loaded.diffusion.steps)
+    schedule = loaded.diffusion.noise_schedule()
     cfg = InferenceConfig(
         sampler=sampler, sampling_steps=steps, ensemble=ensemble, batch_size=12, seed=0
     )

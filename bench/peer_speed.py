@@ -160,7 +160,7 @@ def build_ours(args: argparse.Namespace) -> tuple[MedSegDiffUNet, NoiseSchedule]
         mask_channels=args.mask_channels,
     )
     diffusion = DiffusionConfig()
-    return MedSegDiffUNet(spec), NoiseSchedule.from_name(diffusion.schedule, diffusion.steps)
+    return MedSegDiffUNet(spec), diffusion.noise_schedule()
 
 
 def bench_train(

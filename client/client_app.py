@@ -13,7 +13,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from medsegdiff_core.config import InferenceConfig
-from medsegdiff_core.diffusion import NoiseSchedule
 from medsegdiff_core.inference import evaluate_dataset
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.training import (
@@ -68,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     stats = train_steps(
         model,
-        NoiseSchedule.from_name(config.diffusion.schedule, config.diffusion.steps),
+        config.diffusion.noise_schedule(),
         batches,
         make_optimizer(model, config.train.lr, config.train.weight_decay),
         config.federation.local_steps,
@@ -76,7 +75,6 @@ def train(msg: Message, context: Context) -> Message:
         proximal=proximal,
         amp_dtype=autocast_dtype(site.device, config.train.amp),
         snr_gamma=config.diffusion.snr_gamma,
-        prediction=config.diffusion.prediction,
     )
     metrics = {
         "num-examples": len(data),
@@ -101,13 +99,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.monotonic()
     _, summary = evaluate_dataset(
         model,
-        NoiseSchedule.from_name(config.diffusion.schedule, config.diffusion.steps),
+        config.diffusion.noise_schedule(),
         data,
         cfg,
         list(config.data.classes),
         device=site.device,
         amp_dtype=autocast_dtype(site.device, config.train.amp),
-        prediction=config.diffusion.prediction,
     )
     metrics: dict[str, float | int] = {
         "num-examples": len(data),

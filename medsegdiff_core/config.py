@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .diffusion.schedule import NoiseSchedule
 from .errors import ConfigError
 from .model.presets import PRESETS, UNetSpec, resolve_spec
 
@@ -92,6 +93,10 @@ class DiffusionConfig(_Section):
     snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR-gamma loss weighting (None: uniform, as the paper)"
     )
+
+    def noise_schedule(self) -> NoiseSchedule:
+        """The schedule these settings describe, carrying the network's prediction type."""
+        return NoiseSchedule.from_name(self.schedule, self.steps, self.prediction)
 
 
 class TrainConfig(_Section):

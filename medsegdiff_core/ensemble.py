@@ -59,12 +59,11 @@ def sample_members(
     *,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
-    prediction: str = "epsilon",
 ) -> Tensor:
     """Sample ``cfg.ensemble`` masks for each image as one batch: (B, C, S, S) -> (B, K, M, S, S).
 
     Returned values are soft masks in [0, 1] (the final sample mapped from [-1, 1]).
-    ``prediction`` says what the network outputs (``"epsilon"`` or ``"v"``); samplers take noise.
+    Samplers take noise; ``schedule.prediction`` says how to get it from the network's output.
     """
     model.eval()
     batch, members = images.shape[0], cfg.ensemble
@@ -82,9 +81,9 @@ def sample_members(
         timesteps = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model.denoise(x, timesteps, features).float()
-        if prediction == "v":
+        if schedule.prediction != "epsilon":
             channels = spec.mask_channels
-            eps = schedule.eps_from_velocity(x, timesteps, output[:, :channels])
+            eps = schedule.eps_from_output(x, timesteps, output[:, :channels])
             output = torch.cat([eps, output[:, channels:]], dim=1)
         x = sampler.step(output, t, x, generator=generator)
     soft = ((x.clamp(-1, 1) + 1) / 2).reshape(batch, members, *x.shape[1:])
@@ -99,7 +98,6 @@ def segment(
     *,
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
-    prediction: str = "epsilon",
 ) -> Segmentation:
     """Sample an ensemble per image, fuse it (``cfg.fusion``) and map its uncertainty."""
     members = sample_members(
@@ -109,7 +107,6 @@ def segment(
         cfg,
         generator=generator,
         amp_dtype=amp_dtype,
-        prediction=prediction,
     )
     probability = fuse_members(members, cfg.fusion, threshold=cfg.threshold)
     return Segmentation(

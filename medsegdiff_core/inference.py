@@ -48,7 +48,6 @@ def segment_dataset(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
-    prediction: str = "epsilon",
 ) -> Iterator[tuple[list[dict[str, Any]], Segmentation]]:
     """Yield (cases, segmentation) per batch of ``cfg.batch_size`` images (seed ``cfg.seed``)."""
     from tqdm.auto import tqdm
@@ -64,7 +63,6 @@ def segment_dataset(
             cfg,
             generator=generator,
             amp_dtype=amp_dtype,
-            prediction=prediction,
         )
         bar.update(len(items))
         yield items, result
@@ -81,7 +79,6 @@ def evaluate_dataset(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
-    prediction: str = "epsilon",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Dice/IoU/HD95 of the fused ensemble at the model's resolution: (per-case rows, summary)."""
     names, preds, targets = [], [], []
@@ -93,7 +90,6 @@ def evaluate_dataset(
         device=device,
         amp_dtype=amp_dtype,
         progress=progress,
-        prediction=prediction,
     ):
         preds.append(result.mask.cpu())
         targets.append(torch.stack([it["mask"] for it in items]).bool())
@@ -133,7 +129,7 @@ def predict_folder(
     dataset = SegmentationFolder(
         folder, classes, spec.image_size, in_channels=spec.image_channels, require_masks=False
     )
-    schedule = NoiseSchedule.from_name(loaded.diffusion.schedule, loaded.diffusion.steps)
+    schedule = loaded.diffusion.noise_schedule()
     model = loaded.model.to(device)
     names: list[str] = []
     scores: list[CaseMetrics] = []
@@ -146,7 +142,6 @@ def predict_folder(
         device=device,
         amp_dtype=amp_dtype,
         progress=progress,
-        prediction=loaded.diffusion.prediction,
     ):
         for index, item in enumerate(items):
             case = dataset.cases[index + len(names)]

@@ -125,7 +125,6 @@ def batch_loss(
     *,
     reduction: str = "mean",
     snr_gamma: float | None = None,
-    prediction: str = "epsilon",
 ) -> dict[str, Tensor]:
     """The diffusion loss of one batch: noise the mask (scaled to [-1, 1]), predict the noise."""
     image = batch["image"]
@@ -137,7 +136,6 @@ def batch_loss(
         learn_sigma=model.spec.learn_sigma,
         reduction=reduction,
         snr_gamma=snr_gamma,
-        prediction=prediction,
     )
 
 
@@ -164,7 +162,6 @@ def train_steps(
     proximal: ProximalTerm | None = None,
     amp_dtype: torch.dtype | None = None,
     snr_gamma: float | None = None,
-    prediction: str = "epsilon",
     deadline: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
@@ -182,9 +179,7 @@ def train_steps(
             break
         batch = next(batches)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = batch_loss(model, schedule, batch, snr_gamma=snr_gamma, prediction=prediction)[
-                "loss"
-            ]
+            loss = batch_loss(model, schedule, batch, snr_gamma=snr_gamma)["loss"]
         objective = loss + proximal(model) if proximal is not None else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
@@ -280,7 +275,7 @@ def fit(
         model.load_state_dict(load_checkpoint(tc.init_from, expected=model.spec).model.state_dict())
     model.to(device)
     train_data = load_folders(config, "train", augment=config.data.augment)
-    schedule = NoiseSchedule.from_name(config.diffusion.schedule, config.diffusion.steps)
+    schedule = config.diffusion.noise_schedule()
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     lr_schedule = warmup_schedule(optimizer, tc.warmup_steps)
     ema = ExponentialMovingAverage(model, tc.ema_decay) if tc.ema_decay else None
@@ -326,7 +321,6 @@ def fit(
             ema=ema,
             amp_dtype=amp_dtype,
             snr_gamma=config.diffusion.snr_gamma,
-            prediction=config.diffusion.prediction,
             deadline=deadline,
             on_step=lambda _, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")),
         )

@@ -474,21 +474,27 @@ def test_velocity_round_trips_to_noise_and_perfect_v_has_zero_loss() -> None:
     torch.testing.assert_close(schedule.eps_from_velocity(x_t, t, v), noise, atol=1e-4, rtol=1e-4)
     # at the last step v is (minus) the clean mask: the network must segment from the image
     torch.testing.assert_close(v[3], -x0[3], atol=1e-3, rtol=0)
+    v_schedule = NoiseSchedule.from_name("cosine", 1000, prediction="v")
     losses = diffusion_loss(
-        lambda xt, tt: schedule.velocity(x0, tt, noise),
-        x0,
-        schedule,
-        t=t,
-        noise=noise,
-        prediction="v",
+        lambda xt, tt: v_schedule.velocity(x0, tt, noise), x0, v_schedule, t=t, noise=noise
     )
     assert float(losses["loss"]) < 1e-10
+    # the same output read as noise is wrong: the prediction type is what makes it right
+    as_noise = diffusion_loss(lambda xt, tt: v, x0, schedule, t=t, noise=noise)
+    assert float(as_noise["loss"]) > 0.1
+    assert v_schedule.respace([0, 500, 999]).prediction == "v"
 
 
 def test_unknown_prediction_is_a_config_error() -> None:
-    from medsegdiff_core.diffusion import NoiseSchedule, diffusion_loss
+    from medsegdiff_core.diffusion import NoiseSchedule
     from medsegdiff_core.errors import ConfigError
 
-    schedule = NoiseSchedule.from_name("linear", 100)
     with pytest.raises(ConfigError, match="'x1'"):
-        diffusion_loss(lambda x, t: x, torch.zeros(1, 1, 4, 4), schedule, prediction="x1")
+        NoiseSchedule.from_name("linear", 100, prediction="x1")  # type: ignore[arg-type]
+
+
+def test_diffusion_config_builds_a_schedule_that_carries_its_prediction() -> None:
+    from medsegdiff_core.config import DiffusionConfig
+
+    schedule = DiffusionConfig(steps=200, schedule="cosine", prediction="v").noise_schedule()
+    assert (schedule.num_steps, schedule.prediction) == (200, "v")

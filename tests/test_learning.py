@@ -14,7 +14,6 @@ import torch
 from medsegdiff_core.checkpoint import load_checkpoint
 from medsegdiff_core.config import InferenceConfig, parse_config
 from medsegdiff_core.data import SegmentationFolder
-from medsegdiff_core.diffusion import NoiseSchedule
 from medsegdiff_core.inference import evaluate_dataset
 from medsegdiff_core.metrics import segmentation_metrics
 from medsegdiff_core.training import fit
@@ -44,7 +43,7 @@ def test_tiny_model_learns_disc_and_cup(fundus_sites: list[Path], tmp_path: Path
         [SegmentationFolder(s / "test", loaded.classes, 32, in_channels=3) for s in fundus_sites]
     )
     cfg = InferenceConfig(sampler="dpm++", sampling_steps=10, ensemble=3, batch_size=8)
-    schedule = NoiseSchedule.from_name("linear", 1000)
+    schedule = loaded.diffusion.noise_schedule()
     _, summary = evaluate_dataset(
         loaded.model,
         schedule,
@@ -52,7 +51,6 @@ def test_tiny_model_learns_disc_and_cup(fundus_sites: list[Path], tmp_path: Path
         cfg,
         ["disc", "cup"],
         device=torch.device("cpu"),
-        prediction=loaded.diffusion.prediction,
     )
 
     targets = torch.stack([test[i]["mask"] for i in range(len(test))]).bool()

@@ -37,7 +37,6 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     reduction: Literal["mean", "none"] = "mean",
     snr_gamma: float | None = None,
-    prediction: Literal["epsilon", "v"] = "epsilon",
 ) -> dict[str, Tensor]:
     """Sample ``t`` and noise, noise ``x0`` to ``x_t`` and score the model's prediction.
 
@@ -47,17 +46,17 @@ def diffusion_loss(
             the variance interpolation value ``v`` in ``[-1, 1]``, see
             :meth:`NoiseSchedule.learned_log_variance`).
         x0: clean masks scaled to ``[-1, 1]``, shape ``(B, C, H, W)``.
-        schedule: the noise schedule the model is trained for.
+        schedule: the noise schedule the model is trained for; its ``prediction`` says what the
+            first C output channels are: the noise (``"epsilon"``, the paper) or the velocity
+            ``v``, and the loss is the MSE against that target. With ``"v"`` the target at high
+            noise is (minus) the mask itself, so the network learns to segment from the image
+            alone, which few-step samplers depend on.
         learn_sigma: add the variational-bound term that trains ``v``.
         t: long timesteps of shape ``(B,)``; drawn uniformly from ``[0, num_steps)`` if omitted.
         noise: standard normal noise shaped like ``x0``; drawn if omitted.
         generator: random generator for ``t`` and ``noise``; must live on ``x0``'s device.
         reduction: ``"mean"`` averages over the batch; ``"none"`` keeps one value per sample
             (needed for per-sample clipping in differential privacy).
-        prediction: what the first C output channels are: the noise (``"epsilon"``, the paper)
-            or the velocity ``v`` (``"v"``); the loss is the MSE against that target. With
-            ``"v"`` the target at high noise is (minus) the mask itself, so the network learns
-            to segment from the image alone, which few-step samplers depend on.
         snr_gamma: Min-SNR-gamma weighting (Hang et al., ICCV 2023): each sample's noise MSE
             is weighted by ``min(SNR_t, gamma) / SNR_t``. It still trains noise prediction but
             stops the many nearly noise-free steps (where denoising a mask is trivial) from
@@ -89,20 +88,15 @@ def diffusion_loss(
             f"model returned {output.shape[1]} channels but learn_sigma={learn_sigma} expects "
             f"{expected} for {channels}-channel masks"
         )
-    if prediction == "epsilon":
-        eps, target = output[:, :channels], noise
-    elif prediction == "v":
-        target = schedule.velocity(x0, t, noise)
-        eps = schedule.eps_from_velocity(x_t, t, output[:, :channels])
-    else:
-        raise ConfigError(f"unknown prediction {prediction!r}; expected 'epsilon' or 'v'")
+    target = schedule.training_target(x0, t, noise)
+    eps = schedule.eps_from_output(x_t, t, output[:, :channels])
 
     terms = {"mse": _mean_per_sample((output[:, :channels] - target) ** 2)}
     if snr_gamma is not None:
         abar = schedule.extract("alphas_cumprod", t, terms["mse"]).flatten()
         snr = abar / (1.0 - abar)
         # Min-SNR-gamma: x0-space weight min(SNR, gamma), expressed for each target.
-        denominator = snr if prediction == "epsilon" else snr + 1.0
+        denominator = snr if schedule.prediction == "epsilon" else snr + 1.0
         terms["mse"] = terms["mse"] * torch.clamp(snr, max=snr_gamma) / denominator
     if learn_sigma:
         # Stop-gradient on the mean: the bound trains only the variance, the MSE trains the mean.

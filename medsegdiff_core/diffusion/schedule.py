@@ -20,6 +20,7 @@ from torch import Tensor
 from medsegdiff_core.errors import ConfigError
 
 ScheduleName = Literal["linear", "cosine"]
+PredictionType = Literal["epsilon", "v"]
 
 _COSINE_OFFSET = 0.008
 _MAX_BETA = 0.999
@@ -78,9 +79,17 @@ class NoiseSchedule:
 
     The tensor methods take ``x`` of shape ``(B, ...)`` (typically ``(B, C, H, W)``) and ``t``, a
     long tensor of shape ``(B,)`` with values in ``[0, num_steps)``.
+
+    ``prediction`` is what the network trained on this schedule outputs: the noise (``"epsilon"``,
+    the paper) or the velocity (``"v"``). It travels with the schedule, as diffusers' schedulers
+    carry ``prediction_type``, so the loss and every sampler read the network's output the same
+    way and no caller can forget to say it.
     """
 
-    def __init__(self, betas: Tensor) -> None:
+    def __init__(self, betas: Tensor, prediction: PredictionType = "epsilon") -> None:
+        if prediction not in ("epsilon", "v"):
+            raise ConfigError(f"unknown prediction {prediction!r}; expected 'epsilon' or 'v'")
+        self.prediction: PredictionType = prediction
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or betas.numel() < 1:
             raise ConfigError(
@@ -117,9 +126,11 @@ class NoiseSchedule:
         self._cast_cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
     @classmethod
-    def from_name(cls, schedule: ScheduleName, num_steps: int) -> "NoiseSchedule":
+    def from_name(
+        cls, schedule: ScheduleName, num_steps: int, prediction: PredictionType = "epsilon"
+    ) -> "NoiseSchedule":
         """Build the schedule of :func:`make_betas` (``schedule``, ``num_steps``)."""
-        return cls(make_betas(schedule, num_steps))
+        return cls(make_betas(schedule, num_steps), prediction)
 
     @property
     def num_steps(self) -> int:
@@ -146,7 +157,7 @@ class NoiseSchedule:
             return self
         abar = self.alphas_cumprod[kept]
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-        return NoiseSchedule(1.0 - abar / abar_prev)
+        return NoiseSchedule(1.0 - abar / abar_prev, self.prediction)
 
     def extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
         """Gather the attribute ``name`` at timesteps ``t``, shaped to broadcast against ``like``.
@@ -207,6 +218,14 @@ class NoiseSchedule:
             self.extract("sqrt_alphas_cumprod", t, x_t) * v
             + self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
         )
+
+    def training_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the network should output for ``x_t = q_sample(x0, t, noise)``."""
+        return noise if self.prediction == "epsilon" else self.velocity(x0, t, noise)
+
+    def eps_from_output(self, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """The noise implied by the network's output (its first ``C`` channels)."""
+        return output if self.prediction == "epsilon" else self.eps_from_velocity(x_t, t, output)
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """Solve :meth:`q_sample` for the noise: ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``.
