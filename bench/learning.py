@@ -35,13 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "cup"]
 
 
-def train_basic_unet(train, image_size: int, budget_s: float, batch_size: int, seed: int):
+def train_basic_unet(
+    train, in_channels: int, out_channels: int, budget_s: float, batch_size: int, seed: int
+):
     """MONAI's BasicUNet with sigmoid outputs, Dice + BCE loss, AdamW, same time budget."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import BasicUNet
 
     seed_everything(seed)
-    net = BasicUNet(spatial_dims=2, in_channels=3, out_channels=len(CLASSES))
+    net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels)
     loss_fn = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     batches = random_batches(train, batch_size, seed=seed, device=torch.device("cpu"))
@@ -58,13 +60,13 @@ def train_basic_unet(train, image_size: int, budget_s: float, batch_size: int, s
 
 
 @torch.no_grad()
-def score_unet(net: nn.Module, dataset) -> dict:
+def score_unet(net: nn.Module, dataset, class_names: list[str]) -> dict:
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
     targets = torch.stack([dataset[i]["mask"] for i in range(len(dataset))]).bool()
     start = time.perf_counter()
     pred = torch.sigmoid(net(images)) >= 0.5
     seconds = time.perf_counter() - start
-    summary = summarize(segmentation_metrics(pred, targets, class_names=CLASSES))
+    summary = summarize(segmentation_metrics(pred, targets, class_names=class_names))
     return {"summary": summary, "seconds_per_image": seconds / len(dataset)}
 
 
@@ -75,19 +77,22 @@ def score_diffusion(loaded, dataset, sampler: str, steps: int, ensemble: int) ->
     )
     start = time.perf_counter()
     _, summary = evaluate_dataset(
-        loaded.model, schedule, dataset, cfg, CLASSES, device=torch.device("cpu")
+        loaded.model, schedule, dataset, cfg, list(loaded.classes), device=torch.device("cpu")
     )
     seconds = time.perf_counter() - start
     return {"summary": summary, "seconds_per_image": seconds / len(dataset)}
 
 
-def row(name: str, result: dict) -> str:
+def header(title: str, class_names: list[str]) -> str:
+    cells = " ".join(f"{name:>9}" for name in [*class_names, "mean"])
+    return f"{title:<44} {cells} {'s/image':>10}"
+
+
+def row(name: str, result: dict, class_names: list[str] = CLASSES) -> str:
     per_class = result["summary"]["per_class"]
-    dice = [per_class[c]["dice"] for c in CLASSES]
-    return (
-        f"{name:<44} {dice[0]:>9.4f} {dice[1]:>9.4f} {sum(dice) / 2:>9.4f} "
-        f"{result['seconds_per_image']:>10.2f}"
-    )
+    dice = [per_class[c]["dice"] for c in class_names]
+    cells = " ".join(f"{d:>9.4f}" for d in [*dice, sum(dice) / len(dice)])
+    return f"{name:<44} {cells} {result['seconds_per_image']:>10.2f}"
 
 
 def main() -> None:
@@ -140,7 +145,7 @@ def main() -> None:
         ]
     )
     unet, unet_steps, unet_params = train_basic_unet(
-        train, size, args.budget_s, config.train.batch_size, config.train.seed
+        train, 3, len(CLASSES), args.budget_s, config.train.batch_size, config.train.seed
     )
     print(
         f"BasicUNet: {unet_steps} steps in {args.budget_s:.0f} s ({unet_params / 1e6:.2f} M params)"
@@ -148,7 +153,7 @@ def main() -> None:
 
     figures: dict[str, dict] = {}
     k, fast = args.ensemble, args.fast_steps
-    print(f"\n{'held-out Dice':<44} {'disc':>9} {'cup':>9} {'mean':>9} {'s/image':>10}")
+    print("\n" + header("held-out Dice", CLASSES))
 
     def record(name: str, value: dict) -> None:
         figures[name] = value
@@ -162,12 +167,12 @@ def main() -> None:
         f"fast ddim {fast} x{k} (all {len(held_out)})",
         score_diffusion(loaded, held_out, "ddim", fast, k),
     )
-    record(f"BasicUNet (all {len(held_out)})", score_unet(unet, held_out))
+    record(f"BasicUNet (all {len(held_out)})", score_unet(unet, held_out, CLASSES))
     record(
         f"fast dpm++ {fast} x{k} (subset {len(subset)})",
         score_diffusion(loaded, subset, "dpm++", fast, k),
     )
-    record(f"BasicUNet (subset {len(subset)})", score_unet(unet, subset))
+    record(f"BasicUNet (subset {len(subset)})", score_unet(unet, subset, CLASSES))
     record(
         f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})",
         score_diffusion(loaded, subset, "ddpm", args.ddpm_steps, k),

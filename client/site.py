@@ -7,8 +7,8 @@ a round lives in the site's ``state_dir`` on disk.
 Where the data are:
 
 * a real site (deployment) sets ``data-path`` in its SuperNode's node config: a folder with
-  ``train/`` and ``val/`` in the generic layout (``images/`` + ``masks/``); ``site-name`` and
-  ``state-dir`` are optional;
+  ``train/`` and ``val/``, each in the experiment's ``data.layout`` (generic: ``images/`` +
+  ``masks/``); ``site-name`` and ``state-dir`` are optional;
 * in simulation each ``partition-id`` is one of the built-in synthetic hospitals, written once
   under the workdir on first use.
 """
@@ -28,7 +28,7 @@ from medsegdiff_core.config import ExperimentConfig, config_from_run_config, res
 from medsegdiff_core.data import SegmentationFolder
 from medsegdiff_core.data.synthetic import write_fundus_sites
 from medsegdiff_core.errors import DataError
-from medsegdiff_core.training import pick_device
+from medsegdiff_core.training import open_checked, pick_device
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,13 +65,12 @@ class Site:
         return cls(name, folder, state_dir, config, pick_device(config.train.device))
 
     def dataset(self, split: str, *, augment: bool = False) -> SegmentationFolder:
-        """The site's ``train`` or ``val`` cases at the model's resolution (cached per process)."""
-        return _load_split(
-            str(self.folder / split),
-            tuple((k, tuple(v)) for k, v in self.config.data.classes.items()),
-            self.config.unet_spec().image_size,
-            self.config.data.image_channels,
-            augment,
+        """The site's ``train`` or ``val`` cases at the model's resolution (cached per process).
+
+        The folder is checked whole first, so a bad file stops the round with every problem
+        named (cases listed in ``data.skip_cases`` are left out)."""
+        return _open_split(
+            self.config.model_dump_json(), str(self.folder / split), split == "train", augment
         )
 
     def seed(self, server_round: int, purpose: str) -> int:
@@ -82,16 +81,9 @@ class Site:
 
 
 @lru_cache(maxsize=8)
-def _load_split(
-    folder: str, classes: tuple, image_size: int, in_channels: int, augment: bool
-) -> SegmentationFolder:
-    return SegmentationFolder(
-        Path(folder),
-        {k: list(v) for k, v in classes},
-        image_size,
-        in_channels=in_channels,
-        augment=augment,
-    )
+def _open_split(config_json: str, folder: str, train: bool, augment: bool) -> SegmentationFolder:
+    config = ExperimentConfig.model_validate_json(config_json)
+    return open_checked(config, Path(folder), train=train, augment=augment)
 
 
 def builtin_sites(workdir: Path, num_sites: int) -> list[Path]:

@@ -26,6 +26,12 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, help="images sampled together")
     group.add_argument("--seed", type=int)
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--layout",
+        default="generic",
+        help="layout of the folder: generic, refuge, ddti, isic (2-D, PNG out) or brats, "
+        "volumes (NIfTI/NRRD/DICOM, volumes out); see `medsegdiff data check --help`",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="ensemble inference on a folder of images")
     _add_model_source(predict)
-    predict.add_argument("--input", type=Path, required=True, help="folder with images/")
+    predict.add_argument("--input", type=Path, required=True, help="the site's folder")
     predict.add_argument("--out", type=Path, required=True)
     _add_inference_options(predict)
 
     evaluate = sub.add_parser("evaluate", help="Dice/IoU/HD95 of a model on a labelled folder")
     _add_model_source(evaluate)
-    evaluate.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    evaluate.add_argument("--data", type=Path, required=True, help="a labelled folder")
     evaluate.add_argument("--out", type=Path, help="where predictions and metrics.json go")
     _add_inference_options(evaluate)
 
@@ -151,21 +157,19 @@ def _run_predict(args: argparse.Namespace, *, require_masks: bool) -> None:
     cfg = _inference_config(args, loaded.inference)
     out_dir = args.out or Path("predictions") / (args.release or args.checkpoint).stem
     folder = args.input if not require_masks else args.data
-    if require_masks:
-        from .data import find_cases
-
-        find_cases(folder, require_masks=True)  # fail before sampling, not after
     report = predict_folder(
         loaded,
         folder,
         out_dir,
         cfg,
+        layout=args.layout,
+        require_masks=require_masks,  # every case read and checked before any sampling
         device=device,
         amp_dtype=autocast_dtype(device, True),
         progress=not args.quiet,
     )
     print(
-        f"segmented {report.cases} images with {cfg.ensemble} {cfg.sampler} samples of "
+        f"segmented {report.cases} cases with {cfg.ensemble} {cfg.sampler} samples of "
         f"{cfg.sampling_steps} steps fused by {cfg.fusion}; wrote {out_dir}"
     )
     if report.summary is not None:

@@ -44,6 +44,11 @@ class DataConfig(_Section):
         description="mask channel name -> label values it covers (0 is background)",
     )
     image_channels: int = Field(3, ge=1, description="channels of the raw image")
+    skip_cases: list[str] = Field(
+        default_factory=list,
+        description="case names to leave out of training (the bad cases `medsegdiff data check` "
+        "names); any other problem in a training folder stops training",
+    )
     augment: bool = Field(True, description="random flips and intensity jitter in training")
 
     @field_validator("train", "val", "test", mode="before")

@@ -12,22 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .checkpoint import LoadedModel, atomic_write_bytes
 from .config import InferenceConfig
 from .data import (
-    SegmentationFolder,
     channels_to_labels,
     labels_to_channels,
     read_image,
-    read_label_map,
     resize_probability,
     write_label_map,
     write_overlay,
     write_uncertainty,
 )
+from .data.volumes import read_label_volume
 from .diffusion import NoiseSchedule
 from .ensemble import Segmentation, segment
 from .metrics import CaseMetrics, case_rows, format_table, segmentation_metrics, summarize
@@ -114,66 +114,148 @@ def predict_folder(
     out_dir: Path,
     cfg: InferenceConfig,
     *,
+    layout: str = "generic",
+    require_masks: bool = False,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> PredictionReport:
-    """Segment every image of a folder and write, per case, at the image's own resolution:
+    """Segment every case of a folder in ``layout`` and write the results in the input's own
+    format and geometry, plus ``metrics.json`` and ``metrics.txt`` where the folder has masks.
 
-    ``masks/<name>.png`` (label map), ``uncertainty/<name>.png`` (max over classes, 255 = members
-    disagree), ``overlays/<name>.png`` (image with the labels drawn); plus ``metrics.json`` and
-    ``metrics.txt`` when the folder has masks.
+    2-D layouts, per image at its own resolution: ``masks/<name>.png`` (label map),
+    ``uncertainty/<name>.png`` (max over classes, 255 = members disagree) and
+    ``overlays/<name>.png`` (the image with the labels drawn); metrics per image.
+    Volume layouts, per case on the image's grid (same shape, affine and header; NRRD stays NRRD,
+    NIfTI and DICOM series give NIfTI): ``masks/<case>`` (label volume) and
+    ``uncertainty/<case>`` (float32); metrics per case in 3-D, in millimetres.
     """
-    spec, classes = loaded.spec, loaded.classes
-    class_names = list(classes)
-    dataset = SegmentationFolder(
-        folder, classes, spec.image_size, in_channels=spec.image_channels, require_masks=False
+    from .data.layouts import SliceDataset, open_dataset
+
+    dataset = open_dataset(
+        folder,
+        layout,
+        loaded.classes,
+        loaded.spec.image_size,
+        in_channels=loaded.spec.image_channels,
+        require_masks=require_masks,
     )
-    schedule = loaded.diffusion.noise_schedule()
+    writer = (
+        _VolumeWriter(dataset, loaded.classes, out_dir)
+        if isinstance(dataset, SliceDataset)
+        else _PlanarWriter(dataset, loaded.classes, out_dir)
+    )
     model = loaded.model.to(device)
-    names: list[str] = []
-    scores: list[CaseMetrics] = []
-    scored: list[str] = []
+    segmented = 0
     for items, result in segment_dataset(
         model,
-        schedule,
+        loaded.diffusion.noise_schedule(),
         dataset,
         cfg,
         device=device,
         amp_dtype=amp_dtype,
         progress=progress,
     ):
-        for index, item in enumerate(items):
-            case = dataset.cases[index + len(names)]
+        for offset, item in enumerate(items):
             size = tuple(item["original_size"])
-            probability = resize_probability(result.probability[index].cpu().numpy(), size)
-            channels = probability >= cfg.threshold
-            labels = channels_to_labels(channels, classes)
-            uncertainty = resize_probability(result.uncertainty[index].cpu().numpy(), size)
-            write_label_map(out_dir / "masks" / f"{case.name}.png", labels)
-            write_uncertainty(out_dir / "uncertainty" / f"{case.name}.png", uncertainty.max(0))
-            write_overlay(
-                out_dir / "overlays" / f"{case.name}.png", read_image(case.image_path), labels
+            probability = resize_probability(result.probability[offset].cpu().numpy(), size)
+            uncertainty = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
+            writer.add(
+                segmented,
+                channels_to_labels(probability >= cfg.threshold, loaded.classes),
+                uncertainty.max(0),
             )
-            if case.mask_path is not None:
-                target = labels_to_channels(
-                    read_label_map(case.mask_path), classes, source=str(case.mask_path)
-                )
-                scores.append(
-                    segmentation_metrics(
-                        torch.from_numpy(channels)[None],
-                        torch.from_numpy(target > 0.5)[None],
-                        class_names=class_names,
-                    )
-                )
-                scored.append(case.name)
-        names += [it["name"] for it in items]
+            segmented += 1
+    writer.close()
     rows: list[dict[str, Any]] = []
     summary = None
-    if scores:
-        merged = CaseMetrics.concat(scores)
-        rows, summary = case_rows(merged, scored), summarize(merged)
+    if writer.scores:
+        merged = CaseMetrics.concat(writer.scores)
+        rows, summary = case_rows(merged, writer.scored), summarize(merged)
         report = {"cases": rows, "summary": summary}
         atomic_write_bytes(out_dir / "metrics.json", json.dumps(report, indent=2).encode())
         (out_dir / "metrics.txt").write_text(format_table(rows, summary) + "\n")
-    return PredictionReport(out_dir, len(names), rows, summary)
+    return PredictionReport(out_dir, writer.cases, rows, summary)
+
+
+def _score(
+    labels: np.ndarray,
+    target: np.ndarray,
+    classes: dict[str, list[int]],
+    source: str,
+    spacing: tuple[float, ...] | None = None,
+) -> CaseMetrics:
+    """Metrics of one case from label maps (2-D or 3-D) at the input's resolution."""
+    pred = labels_to_channels(labels, classes, source="prediction") > 0.5
+    truth = labels_to_channels(target, classes, source=source) > 0.5
+    return segmentation_metrics(
+        torch.from_numpy(pred)[None],
+        torch.from_numpy(truth)[None],
+        spacing=spacing,
+        class_names=list(classes),
+    )
+
+
+class _PlanarWriter:
+    """PNG mask, uncertainty and overlay per image; metrics where the image has a mask."""
+
+    def __init__(self, dataset: Any, classes: dict[str, list[int]], out_dir: Path) -> None:
+        self.dataset, self.classes, self.out_dir = dataset, classes, out_dir
+        self.cases = 0
+        self.scores: list[CaseMetrics] = []
+        self.scored: list[str] = []
+
+    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
+        case = self.dataset.cases[index]
+        write_label_map(self.out_dir / "masks" / f"{case.name}.png", labels)
+        write_uncertainty(self.out_dir / "uncertainty" / f"{case.name}.png", uncertainty)
+        image = read_image(case.image_path)
+        write_overlay(self.out_dir / "overlays" / f"{case.name}.png", image, labels)
+        target = self.dataset.target_labels(index)
+        if target is not None:
+            self.scores.append(_score(labels, target, self.classes, str(case.mask_path)))
+            self.scored.append(case.name)
+        self.cases += 1
+
+    def close(self) -> None:
+        pass
+
+
+class _VolumeWriter:
+    """Collects a case's slices; writes its volumes (and scores it in 3-D) when the case ends.
+
+    Items of a :class:`~.data.layouts.SliceDataset` come case by case, so one case is held in
+    memory at a time."""
+
+    def __init__(self, dataset: Any, classes: dict[str, list[int]], out_dir: Path) -> None:
+        self.dataset, self.classes, self.out_dir = dataset, classes, out_dir
+        self.cases = 0
+        self.scores: list[CaseMetrics] = []
+        self.scored: list[str] = []
+        self._case: Any = None
+        self._labels: dict[int, np.ndarray] = {}
+        self._uncertainty: dict[int, np.ndarray] = {}
+
+    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
+        case = self.dataset.cases[index]
+        if self._case is not None and case.name != self._case.name:
+            self.close()
+        self._case = case
+        _, k = self.dataset.locate(index)
+        self._labels[k] = labels.astype(np.uint8)
+        self._uncertainty[k] = uncertainty.astype(np.float32)
+
+    def close(self) -> None:
+        case = self._case
+        if case is None:
+            return
+        self.dataset.write_prediction(self.out_dir, case.name, self._labels, self._uncertainty)
+        if case.mask_path is not None:
+            reference = self.dataset.reference(case.name)
+            labels = self.dataset.assemble(case.name, self._labels)
+            target = read_label_volume(case.mask_path).data
+            spacing = tuple(float(v) for v in reference.spacing)
+            self.scores.append(_score(labels, target, self.classes, str(case.mask_path), spacing))
+            self.scored.append(case.name)
+        self.cases += 1
+        self._case, self._labels, self._uncertainty = None, {}, {}

@@ -218,24 +218,35 @@ def build_model(config: ExperimentConfig) -> MedSegDiffUNet:
     return MedSegDiffUNet(config.unet_spec())
 
 
-def load_folders(config: ExperimentConfig, split: str, *, augment: bool = False) -> Dataset:
-    """The config's folders of one split as one dataset (sites pooled, for central training)."""
+def open_checked(
+    config: ExperimentConfig, folder: Path, *, train: bool, augment: bool = False
+) -> Dataset:
+    """One data folder of a config, checked whole first (every problem listed at once, see
+    :func:`~.data.check.require_clean`); cases named in ``data.skip_cases`` are left out."""
+    from .data.check import require_clean
     from .data.layouts import open_dataset
 
+    data = config.data
+    require_clean(folder, data.layout, data.classes, data.image_channels, skip=data.skip_cases)
+    return open_dataset(
+        folder,
+        data.layout,
+        data.classes,
+        config.unet_spec().image_size,
+        in_channels=data.image_channels,
+        augment=augment,
+        skip_empty=data.skip_empty_slices and train,
+        skip=data.skip_cases,
+    )
+
+
+def load_folders(config: ExperimentConfig, split: str, *, augment: bool = False) -> Dataset:
+    """The config's folders of one split as one dataset (sites pooled, for central training)."""
     folders = getattr(config.data, split)
     if not folders:
         raise ConfigError(f"data.{split} lists no folders")
     parts = [
-        open_dataset(
-            folder,
-            config.data.layout,
-            config.data.classes,
-            config.unet_spec().image_size,
-            in_channels=config.data.image_channels,
-            augment=augment,
-            skip_empty=config.data.skip_empty_slices and split == "train",
-        )
-        for folder in folders
+        open_checked(config, folder, train=split == "train", augment=augment) for folder in folders
     ]
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
@@ -251,10 +262,13 @@ class FitResult:
 def fit(
     config: ExperimentConfig,
     *,
+    train_data: Dataset | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train centrally as the config says; checkpoints go to ``train.out_dir``.
+
+    ``train_data`` replaces the config's ``data.train`` folders (e.g. a split of slices).
 
     Writes ``checkpoints/step-NNNNNN.{safetensors,json}`` every ``checkpoint_every`` steps, the
     final EMA model as ``model.{safetensors,json}`` and the loss history as ``history.json``.
@@ -274,7 +288,8 @@ def fit(
 
         model.load_state_dict(load_checkpoint(tc.init_from, expected=model.spec).model.state_dict())
     model.to(device)
-    train_data = load_folders(config, "train", augment=config.data.augment)
+    if train_data is None:
+        train_data = load_folders(config, "train", augment=config.data.augment)
     schedule = config.diffusion.noise_schedule()
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     lr_schedule = warmup_schedule(optimizer, tc.warmup_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -47,6 +48,7 @@ from medsegdiff_core.data.volumes import (
 from medsegdiff_core.errors import DataError
 
 LESION = {"lesion": [1]}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,3 +649,123 @@ def test_volume_geometry_only_reference_is_cheap(brats: Path) -> None:
     assert reference.shape == (48, 48, 16)
     with gzip.open(dataset.volume_cases[case].case.image_path) as handle:
         assert handle.read(4)  # a real gzip file
+
+
+# --------------------------------------------------------------------------------------------
+# Predicting and evaluating on medical layouts; training refuses bad folders
+# --------------------------------------------------------------------------------------------
+
+
+def _untrained_checkpoint(path: Path, classes: dict, image_channels: int) -> Path:
+    """A tiny model straight from its initialisation: enough to exercise the file paths."""
+    import torch
+
+    from medsegdiff_core.checkpoint import save_checkpoint
+    from medsegdiff_core.config import DiffusionConfig, InferenceConfig
+    from medsegdiff_core.model import MedSegDiffUNet
+    from medsegdiff_core.model.presets import resolve_spec
+
+    torch.manual_seed(0)
+    spec = resolve_spec(
+        "tiny", image_size=16, image_channels=image_channels, mask_channels=len(classes)
+    )
+    return save_checkpoint(
+        path,
+        MedSegDiffUNet(spec),
+        diffusion=DiffusionConfig(prediction="v"),
+        classes=classes,
+        inference=InferenceConfig(sampling_steps=2, ensemble=2, batch_size=8),
+    )
+
+
+def _nifti_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    image = nib.load(str(path))
+    return tuple(image.shape[:3]), image.affine
+
+
+def test_evaluate_volumes_writes_nifti_on_the_input_grid_and_3d_metrics(tmp_path: Path) -> None:
+    import torch
+
+    from medsegdiff_core.cli import main
+
+    site = tmp_path / "site"
+    _volume_case(site, "a")
+    _volume_case(site, "b", shape=(18, 20, 5))
+    stored = _stored((16, 12, 6))
+    _write_dicom_series(site / "images" / "ct1", stored)
+    reference = read_dicom_series(site / "images" / "ct1")
+    mask = np.zeros(stored.shape, np.uint8)
+    mask[4:10, 3:8, 2:4] = 1
+    write_label_volume(site / "masks" / "ct1.nii.gz", mask, reference)
+    # float32 like the model, whatever NumPy promoted the intensity normalisation to
+    assert open_dataset(site, "volumes", LESION, 16)[0]["image"].dtype == torch.float32
+    checkpoint = _untrained_checkpoint(tmp_path / "model", LESION, 1)
+    out = tmp_path / "out"
+    args = ["--quiet", "evaluate", "--checkpoint", str(checkpoint), "--data", str(site)]
+    assert main([*args, "--layout", "volumes", "--out", str(out)]) == 0
+
+    for name in ("a", "b"):
+        shape, affine = _nifti_geometry(site / "images" / f"{name}.nii.gz")
+        for kind in ("masks", "uncertainty"):
+            got_shape, got_affine = _nifti_geometry(out / kind / f"{name}.nii.gz")
+            assert got_shape == shape and np.allclose(got_affine, affine, atol=1e-5)
+        assert set(np.unique(nib.load(str(out / "masks" / f"{name}.nii.gz")).dataobj)) <= {0, 1}
+    dicom_out = read_label_volume(out / "masks" / "ct1.nii.gz", reference=reference)
+    assert dicom_out.shape == stored.shape  # DICOM series in -> NIfTI on the series' grid
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["case"] for row in metrics["cases"]] == ["a", "b", "ct1"]  # per case, in 3-D
+    assert metrics["summary"]["num_cases"] == 3
+
+
+def test_predict_brats_cases_without_masks(brats: Path, tmp_path: Path) -> None:
+    from medsegdiff_core.cli import main
+
+    site = tmp_path / "site"
+    for case in sorted(brats.iterdir())[:2]:
+        copied = shutil.copytree(case, site / case.name)
+        (copied / f"{case.name}_seg.nii.gz").unlink()  # predicting needs no masks
+    checkpoint = _untrained_checkpoint(tmp_path / "model", BRATS_CLASSES, 4)
+    out = tmp_path / "out"
+    args = ["--quiet", "predict", "--checkpoint", str(checkpoint), "--input", str(site)]
+    assert main([*args, "--layout", "brats", "--out", str(out)]) == 0
+    for case in sorted(site.iterdir()):
+        shape, affine = _nifti_geometry(case / f"{case.name}_t1.nii.gz")
+        got_shape, got_affine = _nifti_geometry(out / "masks" / f"{case.name}.nii.gz")
+        assert got_shape == shape and np.allclose(got_affine, affine, atol=1e-5)
+    assert not (out / "metrics.json").exists()
+
+
+def test_training_refuses_a_folder_with_problems_unless_they_are_skipped(
+    fundus_sites: list[Path], tmp_path: Path
+) -> None:
+    from medsegdiff_core.config import load_config
+    from medsegdiff_core.training import load_folders
+
+    site = shutil.copytree(fundus_sites[0] / "train", tmp_path / "train")
+    names = sorted(p.stem for p in (site / "images").iterdir())
+    _truncate(site / "images" / f"{names[1]}.png")
+    bad_mask = site / "masks" / f"{names[3]}.png"
+    labels = np.array(Image.open(bad_mask))
+    labels[0, 0] = 9  # a label in no class
+    Image.fromarray(labels).save(bad_mask)
+    (site / "masks" / f"{names[5]}.png").unlink()
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"data.train=[{site}]"])
+    with pytest.raises(DataError) as error:
+        load_folders(config, "train")
+    message = str(error.value)
+    assert "\n" not in message and "3 problem(s)" in message and "data.skip_cases" in message
+    for name in (names[1], names[3], names[5]):
+        assert name in message
+    skipped = config.model_copy(
+        update={"data": config.data.model_copy(update={"skip_cases": [names[1], names[3]]})}
+    )
+    with pytest.raises(DataError, match=f"1 problem.*{names[5]}"):
+        load_folders(skipped, "train")
+    skipped.data.skip_cases.append(names[5])
+    dataset = load_folders(skipped, "train")
+    assert len(dataset) == len(names) - 3
+    assert {dataset[i]["name"] for i in range(len(dataset))} == set(names) - {
+        names[1],
+        names[3],
+        names[5],
+    }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from .layouts import (
 )
 from .volumes import axial_axis
 
-__all__ = ["Report", "add_data_parser", "check_dataset", "run_data_command"]
+__all__ = ["Report", "add_data_parser", "check_dataset", "require_clean", "run_data_command"]
 
 
 @dataclass
@@ -127,6 +127,7 @@ def check_dataset(
     in_channels: int | None = None,
     *,
     require_masks: bool = True,
+    skip: Collection[str] = (),
 ) -> Report:
     """Check every case of ``folder`` in ``layout``; returns the :class:`Report`.
 
@@ -138,6 +139,7 @@ def check_dataset(
             and volumes layouts, whatever the first readable case has) when None.
         require_masks: Whether every case needs a mask (training, evaluation); False for a
             folder to predict on.
+        skip: Case names to leave out, with the problems about them (``data.skip_cases``).
 
     Raises:
         ConfigError: Unknown layout or invalid classes (a problem of the command, not the data).
@@ -147,7 +149,9 @@ def check_dataset(
     _class_labels(classes)
     channels_expected = in_channels or spec.in_channels
     report = Report(Path(folder), layout, classes)
-    cases, report.problems = scan_layout(Path(folder), layout, require_masks=require_masks)
+    cases, report.problems = scan_layout(
+        Path(folder), layout, require_masks=require_masks, skip=skip
+    )
     report.cases = len(cases)
     report.masked = sum(case.mask_path is not None for case in cases)
     if cases:
@@ -184,6 +188,30 @@ def check_dataset(
     report.slices = (all_slices, labelled_slices)
     if report.masked and report.total_pixels and not any(report.class_pixels.values()):
         report.problems.append(f"{folder}: no mask has any labelled pixel of the classes")
+    return report
+
+
+def require_clean(
+    folder: Path,
+    layout: str,
+    classes: Mapping[str, Sequence[int]],
+    in_channels: int | None,
+    *,
+    skip: Collection[str] = (),
+) -> Report:
+    """:func:`check_dataset` for training: DataError listing every problem unless there are none.
+
+    Training on a folder with a bad case would either stop hours in or quietly learn from a
+    broken mask; refusing up front, with all problems on one line, lets the site fix them or
+    name the bad cases in ``data.skip_cases`` and go on.
+    """
+    report = check_dataset(folder, layout, classes, in_channels, require_masks=True, skip=skip)
+    if report.problems:
+        listed = "; ".join(report.problems)
+        raise DataError(
+            f"{folder}: {len(report.problems)} problem(s) in training data; fix them or leave "
+            f"the bad cases out with data.skip_cases: {listed}"
+        )
     return report
 
 

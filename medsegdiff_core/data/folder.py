@@ -14,7 +14,7 @@ problems at once; :class:`SegmentationFolder` stops at the first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,17 +431,36 @@ class SegmentationFolder(Dataset):
         self.cases = find_cases(self.folder, require_masks=require_masks)
         self._generator = torch.Generator().manual_seed(seed)
 
+        self._hold(
+            (*_load_case(case, self.classes, in_channels), str(case.mask_path))
+            for case in self.cases
+        )
+
+    def _hold(
+        self,
+        items: Iterable[tuple[np.ndarray, np.ndarray | None, str]],
+        *,
+        normalise: bool = True,
+        empty: str = "no cases",
+    ) -> None:
+        """Keep ``(image (C, H, W), labels (H, W) or None, mask file)`` items in memory, resized
+        to ``image_size``; images z-scored per image unless ``normalise`` is off (volumes are
+        normalised per volume before slicing)."""
+        size = self.image_size
         images, masks, sizes = [], [], []
-        for case in self.cases:
-            image, labels = _load_case(case, self.classes, in_channels)
+        for image, labels, source in items:
             sizes.append((int(image.shape[1]), int(image.shape[2])))
-            images.append(_normalise(_resize_image(image, image_size)))
+            resized = _resize_image(image, size)
+            images.append(_normalise(resized) if normalise else resized)
             if labels is None:
-                masks.append(torch.zeros((len(self.classes), image_size, image_size), dtype=bool))
+                masks.append(torch.zeros((len(self.classes), size, size), dtype=bool))
             else:
-                small = _resize_labels(labels, image_size)
-                channels = labels_to_channels(small, self.classes, source=str(case.mask_path))
+                channels = labels_to_channels(
+                    _resize_labels(labels, size), self.classes, source=source
+                )
                 masks.append(torch.from_numpy(channels).bool())
+        if not images:
+            raise DataError(empty)
         self._images = torch.stack(images)
         self._masks = torch.stack(masks)  # bool: a quarter of float32's memory
         self._sizes = sizes

@@ -30,24 +30,19 @@ after clipping to the 0.5-99.5 percentiles). Use :func:`open_dataset` to get eit
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .folder import (
     IMAGE_SUFFIXES,
     SegmentationFolder,
     _class_labels,
-    _normalise,
-    _resize_image,
-    _resize_labels,
-    _scan,
     labels_to_channels,
     read_image,
     read_label_map,
@@ -116,11 +111,17 @@ LAYOUTS: tuple[str, ...] = tuple(_SPECS)
 
 _MAX_LISTED = 5
 _PLANAR_DIRS = {
+    "generic": (("images",), ("masks",)),
     "refuge": (("images", "Images"), ("masks", "Masks")),
     "ddti": (("images", "image"), ("masks", "mask")),
     "isic": (("images",), ("masks",)),
 }
-_MASK_SUFFIXES = {"refuge": (".png", ".bmp"), "ddti": (".png",), "isic": (".png",)}
+_MASK_SUFFIXES = {
+    "generic": (".png",),
+    "refuge": (".png", ".bmp"),
+    "ddti": (".png",),
+    "isic": (".png",),
+}
 _REFUGE_VALUES = {255: 0, 128: 1, 0: 2}  # background, disc rim, cup
 _BINARY_VALUES = {0: 0, 255: 1, 1: 1}
 _BRATS_NAMES = {
@@ -182,9 +183,6 @@ def _first_dir(folder: Path, names: Sequence[str]) -> Path | None:
 def _scan_planar(
     folder: Path, layout: str, require_masks: bool
 ) -> tuple[list[LayoutCase], list[str]]:
-    if layout == "generic":
-        cases, problems = _scan(folder, require_masks)
-        return [LayoutCase(c.name, (c.image_path,), c.mask_path) for c in cases], problems
     image_names, mask_names = _PLANAR_DIRS[layout]
     image_dir, mask_dir = _first_dir(folder, image_names), _first_dir(folder, mask_names)
     if image_dir is None:
@@ -280,10 +278,25 @@ def _scan_volumes(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], 
     return _pair_by_stem(images, masks, image_dir, require_masks, problems)
 
 
+def problem_cases(problem: str) -> set[str]:
+    """The case names a problem line may be about, read from the path it starts with.
+
+    Problem lines start with the offending path; a case's files carry its name as their stem
+    (``images/a.png``, ``masks/a_segmentation.png``, ``masks/a.nii.gz``) or their folder
+    (``<case>/<case>_t1.nii.gz``, a DICOM series ``images/<case>/``).
+    """
+    path = Path(problem.split(": ", 1)[0])
+    stem = volume_stem(path)
+    return {path.name, path.stem, stem, stem.removesuffix("_segmentation"), path.parent.name}
+
+
 def scan_layout(
-    folder: Path, layout: str, *, require_masks: bool
+    folder: Path, layout: str, *, require_masks: bool, skip: Collection[str] = ()
 ) -> tuple[list[LayoutCase], list[str]]:
-    """List a folder's cases and every layout-level problem (one line each, path first)."""
+    """List a folder's cases and every layout-level problem (one line each, path first).
+
+    Cases named in ``skip`` are left out, and so are the problems about them.
+    """
     spec = layout_spec(layout)
     folder = Path(folder)
     if not folder.is_dir():
@@ -292,15 +305,24 @@ def scan_layout(
     if not any(not p.name.startswith(".") for p in folder.iterdir()):
         return [], [f"{folder}: data folder is empty"]
     if spec.kind == "planar":
-        return _scan_planar(folder, layout, require_masks)
-    if layout == "brats":
-        return _scan_brats(folder, require_masks)
-    return _scan_volumes(folder, require_masks)
+        cases, problems = _scan_planar(folder, layout, require_masks)
+    elif layout == "brats":
+        cases, problems = _scan_brats(folder, require_masks)
+    else:
+        cases, problems = _scan_volumes(folder, require_masks)
+    if skip:
+        skipped = set(skip)
+        cases = [case for case in cases if case.name not in skipped]
+        problems = [line for line in problems if not problem_cases(line) & skipped]
+    return cases, problems
 
 
-def find_layout_cases(folder: Path, layout: str, *, require_masks: bool) -> list[LayoutCase]:
-    """The cases of ``folder`` in ``layout``, sorted by name; DataError on the first problem."""
-    cases, problems = scan_layout(folder, layout, require_masks=require_masks)
+def find_layout_cases(
+    folder: Path, layout: str, *, require_masks: bool, skip: Collection[str] = ()
+) -> list[LayoutCase]:
+    """The cases of ``folder`` in ``layout`` (less ``skip``), sorted by name; DataError on the
+    first problem."""
+    cases, problems = scan_layout(folder, layout, require_masks=require_masks, skip=skip)
     if problems:
         raise DataError(problems[0])
     return cases
@@ -410,6 +432,7 @@ class PlanarDataset(SegmentationFolder):
         layout: A planar layout name.
         classes, image_size, in_channels, require_masks, augment, seed: As
             :class:`~.folder.SegmentationFolder`.
+        skip: Case names to leave out (bad cases a user chose to skip).
 
     Raises:
         DataError: The first problem :func:`~.check.check_dataset` would report.
@@ -426,6 +449,7 @@ class PlanarDataset(SegmentationFolder):
         require_masks: bool = True,
         augment: bool = False,
         seed: int = 0,
+        skip: Collection[str] = (),
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -438,22 +462,12 @@ class PlanarDataset(SegmentationFolder):
         self.image_size = image_size
         self.in_channels = in_channels
         self.augment = augment
-        self.cases = find_layout_cases(self.folder, layout, require_masks=require_masks)
+        self.cases = find_layout_cases(self.folder, layout, require_masks=require_masks, skip=skip)
         self._generator = torch.Generator().manual_seed(seed)
-        images, masks, sizes = [], [], []
-        for case in self.cases:
-            image, labels = load_planar_case(case, layout, self.classes, in_channels)
-            sizes.append((int(image.shape[1]), int(image.shape[2])))
-            images.append(_normalise(_resize_image(image, image_size)))
-            if labels is None:
-                masks.append(torch.zeros((len(self.classes), image_size, image_size), dtype=bool))
-            else:
-                small = _resize_labels(labels, image_size)
-                channels = labels_to_channels(small, self.classes, source=str(case.mask_path))
-                masks.append(torch.from_numpy(channels).bool())
-        self._images = torch.stack(images)
-        self._masks = torch.stack(masks)
-        self._sizes = sizes
+        self._hold(
+            (*load_planar_case(case, layout, self.classes, in_channels), str(case.mask_path))
+            for case in self.cases
+        )
 
     def target_labels(self, index: int) -> np.ndarray | None:
         """The case's (H, W) label map at its original size (after the layout's mapping)."""
@@ -473,7 +487,8 @@ def _normalise_volume(data: np.ndarray, mode: str) -> np.ndarray:
             return out
     low, high = np.percentile(data, [0.5, 99.5])
     clipped = np.clip(data, low, high)
-    return (clipped - clipped.mean()) / (clipped.std() + 1e-6)
+    # np.percentile's float64 bounds would make the whole volume float64 (NumPy 2 promotion).
+    return ((clipped - clipped.mean()) / (clipped.std() + 1e-6)).astype(np.float32)
 
 
 @dataclass
@@ -537,21 +552,34 @@ class SliceDataset(SegmentationFolder):
         self.volume_cases: dict[str, _VolumeCase] = {}
         self.cases: list[LayoutCase] = []  # one entry per item (slice), for API parity
         self._slice_index: list[int] = []
-        images, masks, sizes = [], [], []
+        self._hold(
+            self._slices(cases, in_channels, normalise, skip_empty),
+            normalise=False,
+            empty="no slices: every case's mask is empty (skip_empty is on)",
+        )
+
+    def _slices(
+        self,
+        cases: Sequence[LayoutCase],
+        in_channels: int | None,
+        normalise: Literal["nonzero", "volume"],
+        skip_empty: bool,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None, str]]:
+        """Read each case and yield its kept slices, recording where each came from."""
         for case in cases:
             volumes, labels = load_volume_case(case, self.classes, in_channels)
             channels = [v.data[..., None] if v.data.ndim == 3 else v.data for v in volumes]
             planes = [c[..., n] for c in channels for n in range(c.shape[3])]
             stacked = np.stack([_normalise_volume(p, normalise) for p in planes])  # (C, I, J, K)
             in_channels = stacked.shape[0] if in_channels is None else in_channels
+            self.in_channels = in_channels
             reference = volumes[0]
             axis = axial_axis(reference.affine)
-            depth = reference.shape[axis]
             if skip_empty and labels is not None:
                 other = tuple(a for a in range(3) if a != axis)
                 keep = np.flatnonzero((labels.data != 0).any(axis=other)).tolist()
             else:
-                keep = list(range(depth))
+                keep = list(range(reference.shape[axis]))
             geometry = Volume(
                 np.broadcast_to(np.zeros((), np.uint8), reference.shape),
                 reference.affine,
@@ -561,30 +589,21 @@ class SliceDataset(SegmentationFolder):
             )
             self.volume_cases[case.name] = _VolumeCase(case, geometry, axis, keep)
             for k in keep:
-                image = np.ascontiguousarray(np.take(stacked, k, axis=axis + 1))
-                sizes.append((int(image.shape[1]), int(image.shape[2])))
-                images.append(_resize_image(image, image_size))
-                if labels is None:
-                    empty = (len(self.classes), image_size, image_size)
-                    masks.append(torch.zeros(empty, dtype=bool))
-                else:
-                    small = _resize_labels(np.take(labels.data, k, axis=axis), image_size)
-                    channels_k = labels_to_channels(small, self.classes, source=str(case.mask_path))
-                    masks.append(torch.from_numpy(channels_k).bool())
                 self.cases.append(case)
                 self._slice_index.append(k)
-        self.in_channels = in_channels
-        if not images:
-            raise DataError("no slices: every case's mask is empty (skip_empty is on)")
-        self._images = torch.stack(images)
-        self._masks = torch.stack(masks)
-        self._sizes = sizes
+                image = np.ascontiguousarray(np.take(stacked, k, axis=axis + 1))
+                label_slice = None if labels is None else np.take(labels.data, k, axis=axis)
+                yield image, label_slice, str(case.mask_path)
 
     def __getitem__(self, index: int) -> dict:
         item = super().__getitem__(index)
-        case, k = self.cases[index].name, self._slice_index[index]
+        case, k = self.locate(index)
         item.update(name=f"{case}@{k:03d}", case=case, slice_index=k)
         return item
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(case name, slice index along the axial axis) of item ``index``."""
+        return self.cases[index].name, self._slice_index[index]
 
     def reference(self, case: str) -> Volume:
         """The geometry of a case's (first) image: shape, affine, header; no voxel data."""
@@ -668,13 +687,13 @@ def open_dataset(
     augment: bool = False,
     seed: int = 0,
     skip_empty: bool = False,
-) -> Dataset:
+    skip: Collection[str] = (),
+) -> PlanarDataset | SliceDataset:
     """The dataset of a site folder in any layout.
 
-    ``generic`` gives a :class:`~.folder.SegmentationFolder`, the other 2-D layouts a
-    :class:`PlanarDataset` and the volume layouts a :class:`SliceDataset`. ``classes`` and
-    ``in_channels`` default to the layout's (:func:`layout_spec`); ``skip_empty`` applies to
-    volume layouts only.
+    2-D layouts give a :class:`PlanarDataset` and the volume layouts a :class:`SliceDataset`.
+    ``classes`` and ``in_channels`` default to the layout's (:func:`layout_spec`);
+    ``skip_empty`` applies to volume layouts only; cases named in ``skip`` are left out.
     """
     spec = layout_spec(layout)
     classes = spec.classes if classes is None else classes
@@ -682,16 +701,6 @@ def open_dataset(
     if spec.kind == "planar":
         if channels is None:
             raise ConfigError("data.image_channels: needed for the generic layout")
-        if layout == "generic":
-            return SegmentationFolder(
-                folder,
-                classes,
-                image_size,
-                in_channels=channels,
-                require_masks=require_masks,
-                augment=augment,
-                seed=seed,
-            )
         return PlanarDataset(
             folder,
             layout,
@@ -701,8 +710,9 @@ def open_dataset(
             require_masks=require_masks,
             augment=augment,
             seed=seed,
+            skip=skip,
         )
-    cases = find_layout_cases(folder, layout, require_masks=require_masks)
+    cases = find_layout_cases(folder, layout, require_masks=require_masks, skip=skip)
     return SliceDataset(
         cases,
         classes,
