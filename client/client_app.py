@@ -7,14 +7,25 @@ shared core (``medsegdiff_core``) and replies with weights and numbers only — 
 from __future__ import annotations
 
 import time
+from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
+from torch.utils.data import Dataset
 
-from medsegdiff_core.config import InferenceConfig
+from medsegdiff_core.config import ExperimentConfig, InferenceConfig
 from medsegdiff_core.inference import evaluate_dataset
 from medsegdiff_core.model import MedSegDiffUNet
+from medsegdiff_core.privacy import (
+    dp_train_steps,
+    make_dp_compatible,
+    plan_privacy,
+    secret_generator,
+    secret_seed,
+)
 from medsegdiff_core.training import (
     ProximalTerm,
     autocast_dtype,
@@ -23,6 +34,7 @@ from medsegdiff_core.training import (
     train_steps,
 )
 
+from .privacy_state import privacy_record, site_ledger, with_site_privacy
 from .site import Site
 
 app = ClientApp()
@@ -35,36 +47,49 @@ def _model_from(msg: Message, site: Site) -> MedSegDiffUNet:
     return model.to(site.device)
 
 
-def _reply(msg: Message, site: Site, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+def _reply(
+    msg: Message,
+    site: Site,
+    metrics: dict,
+    arrays: ArrayRecord | None = None,
+    privacy: dict[str, Any] | None = None,
+) -> Message:
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
     )
     if arrays is not None:
         content["arrays"] = arrays
+    if privacy is not None:
+        content["privacy"] = ConfigRecord(privacy)
     return Message(content=content, reply_to=msg)
+
+
+def _proximal(model: MedSegDiffUNet, mu: float) -> ProximalTerm | None:
+    """FedProx pulls local weights towards the round's global weights."""
+    if mu <= 0:
+        return None
+    return ProximalTerm(mu, {k: v.detach().clone() for k, v in model.named_parameters()})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's data for ``federation.local_steps`` steps."""
     site = Site.from_context(context)
-    config = site.config
+    config = with_site_privacy(site.config, context.node_config)  # the site's own DP settings
     server_round = int(msg.content["config"]["server-round"])
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
 
-    model = _model_from(msg, site)
-    torch.manual_seed(site.seed(server_round, "noise"))
     data = site.dataset("train", augment=config.data.augment)
     data.reseed(site.seed(server_round, "augment"))  # the cached dataset outlives the round
+    if config.privacy.enabled:
+        return _train_private(msg, context, site, config, data, server_round, mu)
+
+    model = _model_from(msg, site)
+    torch.manual_seed(site.seed(server_round, "noise"))
     batches = random_batches(
         data, config.train.batch_size, seed=site.seed(server_round, "batches"), device=site.device
     )
-    # FedProx pulls local weights towards the round's global weights.
-    proximal = (
-        ProximalTerm(mu, {k: v.detach().clone() for k, v in model.named_parameters()})
-        if mu > 0
-        else None
-    )
+    proximal = _proximal(model, mu)
     stats = train_steps(
         model,
         config.diffusion.noise_schedule(),
@@ -82,7 +107,95 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": stats.steps,
         "train-seconds": stats.seconds,
     }
-    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()))
+    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()), privacy_record(None))
+
+
+def _train_private(
+    msg: Message,
+    context: Context,
+    site: Site,
+    config: ExperimentConfig,
+    data: Dataset,
+    server_round: int,
+    mu: float,
+) -> Message:
+    """DP-SGD (Opacus) within the site's budget, or a reply that declines the round.
+
+    The round is reserved in the site's privacy ledger before the first step and counts even if
+    training then fails (see :class:`~medsegdiff_core.privacy.PrivacyLedger`). A declined round
+    sends no weights, only the epsilon spent so far and why.
+    """
+    privacy = config.privacy
+    plan = plan_privacy(
+        privacy,
+        num_examples=len(data),
+        batch_size=config.train.batch_size,
+        local_steps=config.federation.local_steps,
+        rounds=config.federation.rounds,
+    )
+    ledger = site_ledger(site, context.node_config)
+    decision = ledger.reserve(server_round, plan)
+    if not decision.granted:
+        log(WARNING, "%s declines round %d: %s", site.name, server_round, decision.reason)
+        record = privacy_record(
+            plan,
+            epsilon=decision.spent,
+            rounds_trained=ledger.rounds_trained(),
+            decision=decision,
+            grad_sample_mode=privacy.grad_sample_mode,
+        )
+        return _reply(msg, site, {"num-examples": len(data), "train-steps": 0}, privacy=record)
+
+    model = make_dp_compatible(_model_from(msg, site))
+    # All randomness of a DP round is secret (the experiment seed is known to the server): the
+    # DP noise, the Poisson sampling, and also the per-slice randomness (diffusion timesteps
+    # and noise, augmentation), which must be independent of the other slices drawn. A DP
+    # round is therefore not replayed bit for bit after a crash, unlike a plain round.
+    torch.manual_seed(secret_seed())
+    if hasattr(data, "reseed"):
+        data.reseed(secret_seed())
+    stats = dp_train_steps(
+        model,
+        config.diffusion.noise_schedule(),
+        data,
+        plan,
+        make_optimizer(model, config.train.lr, config.train.weight_decay),
+        grad_sample_mode=privacy.grad_sample_mode,
+        proximal=_proximal(model, mu),
+        amp_dtype=autocast_dtype(site.device, config.train.amp),
+        snr_gamma=config.diffusion.snr_gamma,
+        sampling_generator=secret_generator("cpu"),
+        noise_generator=secret_generator(site.device),
+    )
+    ledger.complete(decision.entry, stats.history)
+    epsilon = ledger.epsilon(plan.delta)
+    log(
+        INFO,
+        "%s round %d under DP: epsilon %.4g of %g spent (delta %.3g%s, noise %.4g, q %.4g)",
+        site.name,
+        server_round,
+        epsilon,
+        plan.target_epsilon,
+        plan.delta,
+        " = min(1e-5, 0.1/N)" if plan.delta_is_default else "",
+        plan.noise_multiplier,
+        plan.sample_rate,
+    )
+    metrics = {
+        "num-examples": len(data),
+        "train-loss": stats.loss,
+        "train-steps": stats.steps,
+        "train-seconds": stats.seconds,
+    }
+    record = privacy_record(
+        plan,
+        epsilon=epsilon,
+        rounds_trained=ledger.rounds_trained(),
+        grad_sample_mode=privacy.grad_sample_mode,
+        steps=stats.steps,
+        empty_batches=stats.empty_batches,
+    )
+    return _reply(msg, site, metrics, ArrayRecord(model.state_dict()), record)
 
 
 @app.evaluate()

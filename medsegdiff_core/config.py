@@ -1,9 +1,9 @@
 """Experiment configuration: one YAML file, validated by pydantic with errors that name the key.
 
-A config has five sections — ``data``, ``model``, ``diffusion``, ``train``, ``inference`` — each a
-model below with every field documented. Unknown keys are errors (a typo must never be silently
-ignored in a medical pipeline). :func:`load_config` turns any validation failure into one
-:class:`~medsegdiff_core.errors.ConfigError` line such as
+A config has seven sections — ``data``, ``model``, ``diffusion``, ``train``, ``inference``,
+``federation``, ``privacy`` — each a model below with every field documented. Unknown keys are
+errors (a typo must never be silently ignored in a medical pipeline). :func:`load_config` turns
+any validation failure into one :class:`~medsegdiff_core.errors.ConfigError` line such as
 ``configs/x.yaml: train.batch_size: Input should be a valid integer (got 'eight')``.
 """
 
@@ -163,6 +163,61 @@ class FederationConfig(_Section):
     release_name: str = Field("fedmedsegdiff", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy: sample-level DP-SGD (Opacus) at each site, under the site's own budget.
+
+    A site's SuperNode may override any field with its node config (``privacy.<field>=value``),
+    so each hospital sets and controls its own budget; the experiment's values are the defaults.
+    The ``central_*`` fields are the server's optional central (site-level) DP.
+    """
+
+    enabled: bool = Field(False, description="train this site with DP-SGD (Opacus)")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="the site's budget: total epsilon over every round it trains in"
+    )
+    delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="DP delta; default min(1e-5, 0.1/N) for N training slices; must be < 1/N",
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping bound C")
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="noise std / C; None: chosen by Opacus so that the planned rounds of "
+        "federation.local_steps Poisson batches spend target_epsilon",
+    )
+    planned_rounds: int | None = Field(
+        None, ge=1, description="rounds the noise is calibrated for (default federation.rounds)"
+    )
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = Field(
+        "hooks", description="how Opacus computes per-sample gradients (see bench/privacy.py)"
+    )
+    central: bool = Field(
+        False, description="server: central DP on the aggregate (Flower, fixed clipping)"
+    )
+    central_noise_multiplier: float = Field(1.0, ge=0, description="central noise std / clip")
+    central_clipping_norm: float | None = Field(
+        None, gt=0, description="central DP: L2 bound on each site's update (required if central)"
+    )
+    central_delta: float = Field(
+        1e-5, gt=0, lt=1, description="delta at which the central epsilon is reported"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyConfig:
+        if self.enabled and self.target_epsilon is None:
+            raise ValueError(
+                "privacy.target_epsilon is required when privacy.enabled is true (the budget)"
+            )
+        if self.central and self.central_clipping_norm is None:
+            raise ValueError(
+                "privacy.central_clipping_norm is required when privacy.central is true"
+            )
+        return self
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: data, model, diffusion, training and inference settings."""
 
@@ -173,6 +228,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     inference: InferenceConfig = InferenceConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _architecture_is_buildable(self) -> ExperimentConfig:

@@ -7,7 +7,10 @@ averaging are Flower's own strategies.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,17 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from medsegdiff_core.checkpoint import save_checkpoint
 from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
 from medsegdiff_core.model import MedSegDiffUNet
+from medsegdiff_core.privacy import epsilon_of
 from medsegdiff_core.release import (
     generate_signing_key,
     load_private_key,
@@ -36,8 +45,10 @@ APP_ROOT = Path(__file__).resolve().parents[1]
 app = ServerApp()
 
 
-def make_strategy(config: ExperimentConfig) -> FedAvg:
-    """Flower's FedAvg or FedProx, example-weighted, with the configured site minimums."""
+def make_strategy(config: ExperimentConfig) -> Strategy:
+    """Flower's FedAvg or FedProx, example-weighted, with the configured site minimums; with
+    ``privacy.central`` wrapped in Flower's server-side fixed-clipping central DP (then every
+    update weighs the same)."""
     fed = config.federation
     common: dict[str, Any] = {
         "fraction_train": fed.fraction_train,
@@ -47,8 +58,52 @@ def make_strategy(config: ExperimentConfig) -> FedAvg:
         "min_available_nodes": fed.min_available_sites,
     }
     if fed.strategy == "fedprox":
-        return FedProx(proximal_mu=fed.proximal_mu, **common)
-    return FedAvg(**common)
+        strategy: FedAvg = FedProx(proximal_mu=fed.proximal_mu, **common)
+    else:
+        strategy = FedAvg(**common)
+    if not config.privacy.central:
+        return strategy
+    assert config.privacy.central_clipping_norm is not None  # the config requires it
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy,
+        noise_multiplier=config.privacy.central_noise_multiplier,
+        clipping_norm=config.privacy.central_clipping_norm,
+        num_sampled_clients=max(fed.min_sites, 1),  # set to the round's count before averaging
+    )
+
+
+@contextmanager
+def _uniform_weights(replies: list[Message], *, enabled: bool) -> Iterator[None]:
+    """Central DP calibrates its noise to the sensitivity C/k of a plain mean of k clipped
+    updates, which an example-weighted mean exceeds: every update weighs 1 while averaging."""
+    if not enabled:
+        yield
+        return
+    counts = [m.content["metrics"]["num-examples"] for m in replies]
+    for msg in replies:
+        msg.content["metrics"]["num-examples"] = 1
+    try:
+        yield
+    finally:
+        for msg, count in zip(replies, counts, strict=True):
+            msg.content["metrics"]["num-examples"] = count
+
+
+def _declined(msg: Message) -> bool:
+    """A site that declined the round (its privacy budget would be exceeded)."""
+    return (
+        not msg.has_error()
+        and "privacy" in msg.content.config_records
+        and bool(msg.content["privacy"].get("declined", False))
+    )
+
+
+def _privacy_records(replies: list[Message]) -> dict[str, dict[str, Any]]:
+    return {
+        site_name(m): dict(m.content["privacy"])
+        for m in replies
+        if not m.has_error() and "privacy" in m.content.config_records
+    }
 
 
 def initial_weights(config: ExperimentConfig) -> ArrayRecord:
@@ -63,12 +118,15 @@ def _site_metrics(replies: list[Message]) -> dict[str, dict[str, Any]]:
 def run_round(
     server_round: int,
     grid: Grid,
-    strategy: FedAvg,
+    strategy: Strategy,
     arrays: ArrayRecord,
     config: ExperimentConfig,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """Train on the sites, screen and average their updates, evaluate; return new weights and
-    the round's record for the history."""
+    the round's record for the history.
+
+    A site whose privacy budget would be exceeded declines: it is logged by name, left out
+    without counting as a rejected update, and the round goes on with the others."""
     fed = config.federation
     start = time.monotonic()
     replies = list(
@@ -77,6 +135,17 @@ def run_round(
             timeout=fed.round_timeout_s,
         )
     )
+    declined = sorted((m for m in replies if _declined(m)), key=site_name)
+    for msg in declined:
+        log(
+            WARNING,
+            "round %d: %s declined to train: %s",
+            server_round,
+            site_name(msg),
+            msg.content["privacy"].get("reason", ""),
+        )
+    privacy = _privacy_records(replies)
+    replies = [m for m in replies if not _declined(m)]
     screening = screen_updates(replies, arrays, norm_factor=fed.norm_outlier_factor)
     for site, reason in screening.rejected:
         log(WARNING, "round %d: update from %s rejected: %s", server_round, site, reason)
@@ -84,6 +153,11 @@ def run_round(
         "round": server_round,
         "sites_trained": sorted(site_name(m) for m in screening.accepted),
         "rejected": [{"site": s, "reason": r} for s, r in screening.rejected],
+        "declined": [
+            {"site": site_name(m), "reason": str(m.content["privacy"].get("reason", ""))}
+            for m in declined
+        ],
+        "privacy": privacy,
         "train": {},
         "evaluate": {},
     }
@@ -97,7 +171,13 @@ def run_round(
         )
         record["failed"] = True
     else:
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
+        central = isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
+        if central:
+            # Noise of std sigma*C/k for the mean of the k updates actually averaged.
+            strategy.num_sampled_clients = len(screening.accepted)
+            record["central_dp"] = {"sites": len(screening.accepted)}
+        with _uniform_weights(screening.accepted, enabled=central):
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
         arrays = new_arrays if new_arrays is not None else arrays
         # Flower's weighted average drops the weighting key; the total is worth keeping.
         record["train"] = dict(train_metrics or {}) | {
@@ -211,8 +291,98 @@ def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet)
             "global": last_eval.get("evaluate", {}),
             "per_site": last_eval.get("site_evaluate", {}),
         },
-        "privacy": {"differential_privacy": "off"},
+        "privacy": privacy_card(config, state),
         "rejected_updates": sum(len(r.get("rejected", [])) for r in state.history),
+    }
+
+
+def privacy_card(config: ExperimentConfig, state: RunState) -> dict[str, Any]:
+    """The model card's privacy section: each site's final epsilon and delta, as the sites
+    reported them, and the central DP guarantee when the server added one."""
+    sites: dict[str, dict[str, Any]] = {}
+    for record in state.history:
+        trained = set(record.get("sites_trained", []))
+        declined = {d["site"] for d in record.get("declined", [])}
+        for site, reported in record.get("privacy", {}).items():
+            entry = sites.setdefault(
+                site, {"dp": True, "rounds_trained": [], "declined_rounds": []}
+            )
+            if site in trained:
+                entry["rounds_trained"].append(record["round"])
+                if not reported.get("enabled"):
+                    entry["dp"] = False  # one round without DP voids the site's guarantee
+            if site in declined:
+                entry["declined_rounds"].append(record["round"])
+            if reported.get("enabled"):
+                entry["reported"] = reported
+    per_site: dict[str, dict[str, Any]] = {}
+    for site, entry in sorted(sites.items()):
+        reported = entry.pop("reported", None)
+        if not entry["rounds_trained"] and reported is None:
+            continue
+        if entry["dp"] and reported is not None:
+            entry |= {
+                "epsilon": reported["epsilon"],
+                "delta": reported["delta"],
+                "target_epsilon": reported["target-epsilon"],
+                "noise_multiplier": reported["noise-multiplier"],
+                "sample_rate": reported["sample-rate"],
+                "max_grad_norm": reported["max-grad-norm"],
+                "train_slices": reported["num-examples"],
+            }
+        else:
+            entry |= {"dp": False, "epsilon": None, "delta": None}
+        per_site[site] = entry
+    dp_sites = [s for s, e in per_site.items() if e["dp"]]
+    if dp_sites and len(dp_sites) == len(per_site):
+        summary = "per-site DP-SGD (Opacus) at every site"
+    elif dp_sites:
+        summary = "per-site DP-SGD (Opacus) at " + ", ".join(dp_sites) + " only"
+    else:
+        summary = "off"
+    if config.privacy.central:
+        summary += "; central DP on the aggregate (server side)"
+    card: dict[str, Any] = {
+        "differential_privacy": summary,
+        "local": {
+            "unit": "one training slice (2-D image + mask) of a site",
+            "guarantee": (
+                "(epsilon, delta)-DP of everything the site sent, over all rounds it trained "
+                "in; Opacus RDP accountant, Poisson sampling, per-sample clipping"
+            ),
+            "not_covered": [
+                "federated evaluation: each site's Dice on its validation split is exact",
+                "each site's number of training slices (FedAvg weights) is reported exactly",
+                "a patient with k slices is protected at k * epsilon (group privacy)",
+            ],
+        },
+        "sites": per_site,
+        "central": central_card(config, state),
+    }
+    return card
+
+
+def central_card(config: ExperimentConfig, state: RunState) -> dict[str, Any] | None:
+    """Server-side central DP: what it adds and protects (None when off)."""
+    pc = config.privacy
+    if not pc.central:
+        return None
+    releases = sum(1 for r in state.history if "central_dp" in r)
+    epsilon = epsilon_of([(pc.central_noise_multiplier, 1.0, releases)], pc.central_delta)
+    return {
+        "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping: each site's update "
+        "clipped to L2 norm C, unweighted mean of the k updates, Gaussian noise of std "
+        "sigma * C / k added to the mean",
+        "noise_multiplier": pc.central_noise_multiplier,
+        "clipping_norm": pc.central_clipping_norm,
+        "noisy_rounds": releases,
+        "epsilon": epsilon if math.isfinite(epsilon) else None,  # None: no noise, no guarantee
+        "delta": pc.central_delta,
+        "protects": "site-level: whether any one site took part, and its whole data, against "
+        "everyone who sees the global models or the release (sites, model users)",
+        "does_not_protect": "anything from the server itself, which sees each site's raw "
+        "update before clipping and noise (local DP-SGD at the sites protects against it); "
+        "the guarantee assumes every site is sampled each round (no amplification counted)",
     }
 
 
@@ -243,5 +413,16 @@ def main(grid: Grid, context: Context) -> None:
             record["train"],
             record["evaluate"],
         )
+        if record.get("failed") and record["declined"]:
+            # A budget only shrinks: the sites that declined would decline every later round.
+            log(
+                ERROR,
+                "round %d: too few sites have privacy budget left (%s declined) for "
+                "federation.min_sites=%d; training stops here",
+                server_round,
+                ", ".join(d["site"] for d in record["declined"]),
+                config.federation.min_sites,
+            )
+            break
     release = publish_release(config, store, state, arrays, workdir)
     log(INFO, "released %s", release)

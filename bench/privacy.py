@@ -1,0 +1,322 @@
+"""Differential privacy: what DP-SGD costs per step, and what it costs in Dice.
+
+* ``--part overhead`` (default, about a minute on a 2-core CPU at the defaults): one training
+  step on the same batch, plain (``train_steps``: AdamW, clip_grad_norm) against DP-SGD
+  (``dp_train_steps``: Opacus per-sample gradients, clipping and noise) in each grad-sample
+  mode. Prints the median step time, DP/plain ratio (goal <= 1.5) and peak memory of each (CUDA:
+  ``max_memory_allocated``; CPU: the growth of the process's peak RSS during the arm, read from
+  ``/proc/self/status`` after resetting it through ``/proc/self/clear_refs``).
+* ``--part utility`` (long: three federated simulations): Dice on every built-in site's held-out
+  test images of the federated model trained without DP and with epsilon 8 and 3 per site
+  (noise chosen by Opacus for the plan), same rounds and local steps.
+
+Run: python bench/privacy.py [--part overhead|utility|all] [--preset small --size 64 --batch 8]
+     [--modes hooks,functorch,ghost] [--rounds 10 --local-steps 50] [--json runs/x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medsegdiff_core.config import load_config, parse_config  # noqa: E402
+from medsegdiff_core.model import MedSegDiffUNet  # noqa: E402
+from medsegdiff_core.privacy import PrivacyPlan, dp_train_steps  # noqa: E402
+from medsegdiff_core.training import make_optimizer, random_batches, train_steps  # noqa: E402
+
+SITES = 3
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Peak memory an arm adds: CUDA allocations, or on CPU the growth of peak RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            gc.collect()
+            with contextlib.suppress(OSError, AttributeError):  # give freed heap back first
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        self.added_mib = max(peak - self.base, 0) / 2**20
+
+
+# --- overhead ---------------------------------------------------------------------------------
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    config = parse_config(
+        {
+            "model": {"preset": args.preset, "image_size": args.size},
+            "diffusion": {"prediction": "v"},
+        }
+    )
+    spec = config.unet_spec()
+    schedule = config.diffusion.noise_schedule()
+    torch.manual_seed(0)
+    base = MedSegDiffUNet(spec).to(device)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    # One fixed batch: a dataset of exactly `batch` slices, every one in every step (plain:
+    # the whole dataset per batch; DP: Poisson sampling with rate 1).
+    batch = [
+        {
+            "image": torch.randn(spec.image_channels, args.size, args.size),
+            "mask": (torch.rand(spec.mask_channels, args.size, args.size) > 0.5).float(),
+        }
+        for _ in range(args.batch)
+    ]
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    print(
+        f"bench/privacy overhead: preset {args.preset}, {args.size} px, batch {args.batch}, "
+        f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, device {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        flush=True,
+    )
+
+    def timed(run, steps: int) -> tuple[list[float], float]:
+        base.load_state_dict(state)
+        stamps: list[float] = []
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+
+            def on_step(_: int, __: float) -> None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+            run(on_step, steps)
+        times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+        return times[args.warmup :], memory.added_mib
+
+    def plain(on_step, steps: int) -> None:
+        optimizer = make_optimizer(base, 1e-4, 0.0)
+        batches = random_batches(batch, args.batch, seed=0, device=device)
+        train_steps(
+            base,
+            schedule,
+            batches,
+            optimizer,
+            steps,
+            grad_clip=1.0,
+            amp_dtype=amp,
+            on_step=on_step,
+        )
+
+    def private(mode: str):
+        def run(on_step, steps: int) -> None:
+            plan = PrivacyPlan(
+                noise_multiplier=1.0,
+                sample_rate=1.0,
+                steps=steps,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                delta_is_default=False,
+                target_epsilon=float("inf"),
+                num_examples=args.batch,
+                planned_rounds=1,
+                noise_calibrated=False,
+            )
+            optimizer = make_optimizer(base, 1e-4, 0.0)
+            dp_train_steps(
+                base,
+                schedule,
+                batch,
+                plan,
+                optimizer,
+                grad_sample_mode=mode,
+                amp_dtype=amp,
+                on_step=on_step,
+            )
+
+        return run
+
+    arms: dict[str, Any] = {"plain": plain}
+    arms |= {f"dp-{mode}": private(mode) for mode in args.modes.split(",")}
+    results: dict[str, Any] = {}
+    # One untimed step of each arm first (lazy initialisation, allocator warm-up), then the
+    # arms interleaved so that a busy machine slows them alike.
+    for run in arms.values():
+        timed(run, 1)
+    samples: dict[str, list[float]] = {name: [] for name in arms}
+    memory: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, run in arms.items():
+            steps, added = timed(run, args.warmup + args.iters)
+            samples[name] += steps
+            memory[name] = max(memory.get(name, 0.0), added)
+    plain_median = statistics.median(samples["plain"])
+    print(f"{'arm':<14} {'median ms':>10} {'ratio':>7} {'peak MiB':>9}")
+    for name in arms:
+        median = statistics.median(samples[name])
+        results[name] = {
+            "median_s": median,
+            "samples_s": samples[name],
+            "ratio": median / plain_median,
+            "peak_added_mib": memory[name],
+        }
+        print(
+            f"{name:<14} {1000 * median:>10.1f} {median / plain_median:>7.2f} {memory[name]:>9.1f}",
+            flush=True,
+        )
+    best = min((n for n in results if n != "plain"), key=lambda n: results[n]["ratio"])
+    print(
+        f"fastest DP mode: {best.removeprefix('dp-')} at {results[best]['ratio']:.2f}x a plain "
+        "step (goal <= 1.5)"
+    )
+    return {"config": vars(args) | {"device": str(device)}, "arms": results}
+
+
+# --- utility ----------------------------------------------------------------------------------
+
+
+def utility(args: argparse.Namespace) -> dict[str, Any]:
+    from medsegdiff_core.checkpoint import load_checkpoint
+    from medsegdiff_core.data import SegmentationFolder
+    from medsegdiff_core.data.synthetic import write_fundus_sites
+    from medsegdiff_core.inference import evaluate_dataset
+    from server.local_simulation import run_local
+
+    config = load_config(ROOT / args.experiment)
+    workdir = args.work.resolve()
+    data_root = workdir / "data" / f"synthetic-{SITES}"
+    if not (data_root / ".complete").exists():
+        write_fundus_sites(data_root, num_sites=SITES)
+        (data_root / ".complete").touch()
+    size = config.unet_spec().image_size
+    tests = [
+        SegmentationFolder(data_root / f"site-{k}" / "test", config.data.classes, size)
+        for k in range(SITES)
+    ]
+    print(
+        f"bench/privacy utility: {args.experiment}, {SITES} sites, {args.rounds} rounds x "
+        f"{args.local_steps} local steps",
+        flush=True,
+    )
+    arms = {"no DP": "privacy.enabled=false"}
+    for epsilon in args.epsilons.split(","):
+        arms[f"epsilon {epsilon}"] = f"privacy.enabled=true privacy.target_epsilon={epsilon}"
+    results: dict[str, Any] = {}
+    for index, (name, privacy) in enumerate(arms.items()):
+        run_workdir = workdir / f"arm-{index}"
+        # Every arm reads the same built-in sites (written once, deterministic).
+        (run_workdir / "data").mkdir(parents=True, exist_ok=True)
+        link = run_workdir / "data" / f"synthetic-{SITES}"
+        if not link.exists():
+            link.symlink_to(data_root, target_is_directory=True)
+        overrides = (
+            f"name=bench-privacy-{index} federation.rounds={args.rounds} "
+            f"federation.local_steps={args.local_steps} federation.evaluate_every={args.rounds} "
+            f"federation.release_name=bench-privacy-{index} {privacy}"
+        )
+        start = time.monotonic()
+        code = run_local(
+            workdir / f"flwr-home-{index}",
+            num_supernodes=SITES,
+            run_config={
+                "workdir": str(run_workdir),
+                "experiment": args.experiment,
+                "overrides": overrides,
+            },
+        )
+        if code != 0:
+            sys.exit(f"{name}: federated run failed with exit code {code}")
+        run_dir = run_workdir / "runs" / f"bench-privacy-{index}"
+        loaded = load_checkpoint(run_dir / "final" / "model.json")
+        dice = {}
+        for k, test in enumerate(tests):
+            _, summary = evaluate_dataset(
+                loaded.model,
+                loaded.diffusion.noise_schedule(),
+                test,
+                config.inference,
+                list(config.data.classes),
+                device=torch.device("cpu"),
+            )
+            dice[f"site-{k}"] = summary["mean"]["dice"]
+        dice["mean"] = statistics.fmean(dice.values())
+        card = json.loads(next((run_workdir / "releases").glob("*/model-card.json")).read_text())
+        epsilons = {site: entry.get("epsilon") for site, entry in card["privacy"]["sites"].items()}
+        results[name] = {"dice": dice, "epsilon": epsilons, "seconds": time.monotonic() - start}
+        print(f"{name}: Dice {dice['mean']:.4f}  epsilon per site {epsilons}", flush=True)
+    print()
+    header = " ".join(f"{f'site-{k}':>8}" for k in range(SITES))
+    print(f"{'held-out Dice':<14} {header} {'mean':>8}")
+    for name, value in results.items():
+        cells = " ".join(f"{value['dice'][f'site-{k}']:>8.4f}" for k in range(SITES))
+        print(f"{name:<14} {cells} {value['dice']['mean']:>8.4f}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["overhead", "utility", "all"], default="overhead")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--modes", default="hooks,functorch,ghost")
+    parser.add_argument("--iters", type=int, default=2, help="timed steps per arm and repeat")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved passes over arms")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--experiment", default="configs/federated-fundus.yaml")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=50)
+    parser.add_argument("--epsilons", default="8,3")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-privacy")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    results: dict[str, Any] = {}
+    if args.part in ("overhead", "all"):
+        results["overhead"] = overhead(args)
+    if args.part in ("utility", "all"):
+        results["utility"] = utility(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,605 @@
+"""Differential privacy for one site's local training: DP-SGD with Opacus, under a budget.
+
+What a site gets (sample-level DP): the model updates a site sends, over every round it trains
+in, are (epsilon, delta)-differentially private with respect to any one of its training slices
+(one 2-D image with its mask; a volume is several slices, so a patient with k slices is
+protected at group level, k * epsilon). It comes from DP-SGD (Abadi et al., CCS 2016):
+
+* **Poisson sampling**: every optimiser step draws each training slice independently with
+  probability ``q = batch_size / N`` (Opacus' ``UniformWithReplacementSampler``); a round is
+  ``federation.local_steps`` such batches, some larger, some smaller, some possibly empty.
+* **Per-sample clipping and noise**: Opacus computes every slice's own gradient, clips it to
+  L2 norm ``C`` (``privacy.max_grad_norm``), sums, adds Gaussian noise of std ``sigma * C`` and
+  divides by the expected batch size ``q * N``.
+* **Accounting**: Opacus' RDP accountant turns the history of (sigma, q, steps) into epsilon at
+  the site's delta. The history is a :class:`PrivacyLedger`, a JSON file in the site's state
+  folder, so the budget holds across rounds, new ClientApps and SuperNode restarts.
+
+The network is trained unchanged: it has GroupNorm only (no BatchNorm) and its attention is
+built from convolutions, so Opacus needs no module swapped (:func:`make_dp_compatible` checks;
+a model with BatchNorm is refused, since swapping it would change what the model computes).
+
+Per-sample gradients come from Opacus' ``hooks`` mode by default (``privacy.grad_sample_mode``):
+its registered samplers for Conv2d, Linear and GroupNorm, with functorch only for the FF-Parser's
+own parameters. On our 2-core CPU it was the fastest mode at 32 px and as fast as ``functorch``
+at 64 px (``bench/privacy.py``); ``ghost`` clipping gains nothing here, since Opacus 1.6 has
+ghost norms only for Linear and Embedding layers and a conv network falls back to full
+per-sample gradients plus a second backward pass; ``ew`` (expanded weights) fails on the
+FF-Parser. All three offered modes give the same clipped gradients (tested).
+
+FedProx's proximal term ``mu/2 ||w - w_global||^2`` depends on the weights only, not on any
+slice, so its gradient ``mu (w - w_global)`` is added *after* Opacus' clipping and noise:
+post-processing of a private quantity with public ones, which costs no privacy; clipping it per
+sample would wrongly shrink it and count it against the budget.
+
+Nothing here knows about Flower: ``client/`` decides when to train and what to reply.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .checkpoint import atomic_write_bytes
+from .config import PrivacyConfig
+from .diffusion import NoiseSchedule
+from .errors import ConfigError, MedSegDiffError
+from .training import Batch, ProximalTerm, batch_loss
+
+LEDGER_FORMAT = "fedmedsegdiff-privacy-ledger"
+LEDGER_VERSION = 1
+# RDP composition is additive, so a round-by-round history and a single entry for the same
+# steps give the same epsilon up to float rounding; this slack absorbs only that rounding.
+_ROUNDING = 1e-9
+
+
+class PrivacyLedgerError(MedSegDiffError):
+    """The privacy ledger is unreadable or inconsistent; the site refuses to train."""
+
+
+def default_delta(num_examples: int) -> float:
+    """``min(1e-5, 0.1 / N)``: well below ``1/N``, the level at which a mechanism that
+    publishes one record in full would still satisfy the definition."""
+    return min(1e-5, 0.1 / num_examples)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What one round of DP-SGD at a site does, and the site's budget.
+
+    Attributes:
+        noise_multiplier: sigma, the noise std relative to ``max_grad_norm``.
+        sample_rate: Poisson sampling probability ``q`` of each slice per step.
+        steps: optimiser steps (Poisson batches) per round.
+        max_grad_norm: per-sample clipping bound ``C``.
+        delta: the delta at which epsilon is stated.
+        delta_is_default: ``delta`` was computed (``default_delta``), not configured.
+        target_epsilon: the site's budget over all rounds.
+        num_examples: ``N``, the site's training slices.
+        planned_rounds: rounds the noise was calibrated for (when it was calibrated).
+        noise_calibrated: sigma was chosen by Opacus for the plan, not configured.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    delta_is_default: bool
+    target_epsilon: float
+    num_examples: int
+    planned_rounds: int
+    noise_calibrated: bool
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``q * N``: the denominator of the noisy mean gradient (not the drawn batch size)."""
+        return self.sample_rate * self.num_examples
+
+    def round_history(self) -> list[tuple[float, float, int]]:
+        return [(self.noise_multiplier, self.sample_rate, self.steps)]
+
+
+def plan_privacy(
+    privacy: PrivacyConfig,
+    *,
+    num_examples: int,
+    batch_size: int,
+    local_steps: int,
+    rounds: int,
+) -> PrivacyPlan:
+    """Sample rate, delta and noise for a site with ``num_examples`` training slices.
+
+    The noise multiplier is ``privacy.noise_multiplier`` when set; otherwise Opacus'
+    ``get_noise_multiplier`` picks the smallest sigma (to 0.01 in epsilon) whose RDP epsilon
+    after ``planned_rounds`` (default ``rounds``) rounds of ``local_steps`` steps stays within
+    ``target_epsilon``.
+
+    Raises:
+        ConfigError: DP is off or incomplete, or delta is not below ``1/N``.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not privacy.enabled or privacy.target_epsilon is None:
+        raise ConfigError("privacy.enabled must be true with a privacy.target_epsilon to plan DP")
+    if num_examples <= 0:
+        raise ConfigError("privacy.enabled: the site has no training slices")
+    sample_rate = min(1.0, batch_size / num_examples)
+    delta = privacy.delta if privacy.delta is not None else default_delta(num_examples)
+    if delta >= 1.0 / num_examples:
+        raise ConfigError(
+            f"privacy.delta: {delta:g} is not below 1/N = {1.0 / num_examples:g} for the "
+            f"site's N = {num_examples} training slices (such a delta allows publishing a "
+            "record outright); leave it unset for the default min(1e-5, 0.1/N)"
+        )
+    planned_rounds = privacy.planned_rounds or rounds
+    if privacy.noise_multiplier is not None:
+        sigma, calibrated = float(privacy.noise_multiplier), False
+    else:
+        try:
+            sigma = get_noise_multiplier(
+                target_epsilon=privacy.target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=planned_rounds * local_steps,
+                accountant="rdp",
+            )
+        except ValueError as exc:  # Opacus: "The privacy budget is too low."
+            raise ConfigError(
+                f"privacy.target_epsilon: {privacy.target_epsilon:g} cannot be met for "
+                f"{planned_rounds} rounds of {local_steps} steps at sample rate "
+                f"{sample_rate:.3g} ({exc})"
+            ) from None
+        calibrated = True
+    return PrivacyPlan(
+        noise_multiplier=float(sigma),
+        sample_rate=sample_rate,
+        steps=local_steps,
+        max_grad_norm=privacy.max_grad_norm,
+        delta=delta,
+        delta_is_default=privacy.delta is None,
+        target_epsilon=float(privacy.target_epsilon),
+        num_examples=num_examples,
+        planned_rounds=planned_rounds,
+        noise_calibrated=calibrated,
+    )
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of a DP-SGD history of ``(noise_multiplier, sample_rate, steps)``,
+    exactly as Opacus' RDP accountant computes it (``inf`` when any entry had no noise)."""
+    from opacus.accountants import RDPAccountant
+
+    history = [tuple(entry) for entry in history if entry[2] > 0]
+    if not history:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in history):
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = history
+    return float(accountant.get_epsilon(delta=delta))
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger: the site's privacy history on disk.
+
+
+@dataclass
+class LedgerEntry:
+    """One DP training attempt of a round.
+
+    ``status`` is ``started`` from before the first step until the round's training finished,
+    then ``completed`` with the steps Opacus actually took. A ``started`` entry (the process
+    died, or training raised) counts in full: the conservative choice (see :class:`PrivacyLedger`).
+    """
+
+    id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    num_examples: int
+    status: str = "started"
+    started_at: float = field(default_factory=time.time)
+    completed_at: float | None = None
+
+    def history(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Whether a round may train: epsilon spent before it and after it (as planned)."""
+
+    granted: bool
+    spent: float
+    after: float
+    target: float
+    delta: float
+    entry: LedgerEntry | None = None
+
+    @property
+    def reason(self) -> str:
+        if self.granted:
+            return f"training: epsilon {self.spent:.4g} -> {self.after:.4g} of {self.target:g}"
+        return (
+            f"privacy budget: this round would spend epsilon {self.spent:.4g} -> "
+            f"{self.after:.4g}, over the site's target {self.target:g} (delta {self.delta:.3g})"
+        )
+
+
+class PrivacyLedger:
+    """A site's DP-SGD history, as JSON in its state folder (never pickle).
+
+    Every attempt to train a round under DP is written *before* the first step (status
+    ``started``) and updated when training finishes (``completed``, with the steps taken). A
+    round that crashes or raises therefore still counts, and a retry of it counts again: this
+    can only overstate the epsilon spent, never understate it. The alternative — writing only
+    after training — would forget a round whose update left the site just before a crash, and
+    an error reply (a loss that became NaN, say) is itself an output that depends on the data.
+
+    Reads and the check-then-reserve step run under an exclusive file lock, so two processes of
+    one site cannot both pass the budget check; writes are atomic (temp file + ``os.replace``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> list[LedgerEntry]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != LEDGER_FORMAT or data.get("version") != LEDGER_VERSION:
+                raise ValueError(f"not a version {LEDGER_VERSION} {LEDGER_FORMAT} file")
+            entries = [LedgerEntry(**item) for item in data["entries"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PrivacyLedgerError(
+                f"{self.path}: privacy ledger is unreadable ({exc}); the site refuses to train "
+                "under DP rather than lose track of the budget it has spent"
+            ) from None
+        return entries
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
+        payload = {
+            "format": LEDGER_FORMAT,
+            "version": LEDGER_VERSION,
+            "accountant": "rdp (opacus)",
+            "entries": [vars(e) for e in entries],
+        }
+        atomic_write_bytes(self.path, json.dumps(payload, indent=2).encode())
+
+    def entries(self) -> list[LedgerEntry]:
+        with self._locked():
+            return self._read()
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's history: ``(noise_multiplier, sample_rate, steps)`` per attempt."""
+        return [e.history() for e in self.entries()]
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first DP round)."""
+        return epsilon_of(self.history(), delta)
+
+    def rounds_trained(self) -> int:
+        return len({e.round for e in self.entries()})
+
+    def reserve(self, server_round: int, plan: PrivacyPlan) -> BudgetDecision:
+        """Grant the round if the spent epsilon plus this round's stays within the budget, and
+        then record it as ``started``; otherwise decline and record nothing."""
+        with self._locked():
+            entries = self._read()
+            history = [e.history() for e in entries]
+            spent = epsilon_of(history, plan.delta)
+            after = epsilon_of(history + plan.round_history(), plan.delta)
+            if not after <= plan.target_epsilon * (1 + _ROUNDING):
+                return BudgetDecision(False, spent, after, plan.target_epsilon, plan.delta)
+            entry = LedgerEntry(
+                id=uuid.uuid4().hex,
+                round=server_round,
+                noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps,
+                num_examples=plan.num_examples,
+            )
+            self._write([*entries, entry])
+        return BudgetDecision(True, spent, after, plan.target_epsilon, plan.delta, entry)
+
+    def complete(self, entry: LedgerEntry, history: list[tuple[float, float, int]]) -> None:
+        """Mark a reserved attempt done with the history Opacus' accountant recorded while
+        training (the steps it really took, never more than reserved)."""
+        steps = sum(int(n) for _, _, n in history)
+        for sigma, rate, _ in history:
+            if not (
+                math.isclose(sigma, entry.noise_multiplier)
+                and math.isclose(rate, entry.sample_rate)
+            ):
+                raise PrivacyLedgerError(
+                    f"{self.path}: training used noise {sigma} / sample rate {rate}, not the "
+                    f"reserved {entry.noise_multiplier} / {entry.sample_rate}"
+                )
+        if steps > entry.steps:
+            raise PrivacyLedgerError(
+                f"{self.path}: training took {steps} DP steps, more than the {entry.steps} reserved"
+            )
+        with self._locked():
+            entries = self._read()
+            for item in entries:
+                if item.id == entry.id:
+                    item.steps, item.status, item.completed_at = steps, "completed", time.time()
+                    break
+            else:
+                raise PrivacyLedgerError(f"{self.path}: reserved entry {entry.id} is missing")
+            self._write(entries)
+
+
+# --------------------------------------------------------------------------------------------
+# Training.
+
+
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """The model itself when Opacus can compute its per-sample gradients (MedSegDiffUNet can).
+
+    A module Opacus cannot handle is swapped for its DP twin (``ModuleValidator.fix``) only when
+    that keeps the parameters interchangeable with the other sites' models; BatchNorm is refused
+    outright, because any swap (GroupNorm) would change what the network computes.
+
+    Raises:
+        ConfigError: naming ``privacy.enabled``, for BatchNorm or another incompatible module.
+    """
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return model
+    batch_norms = sorted(
+        name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+    )
+    if batch_norms:
+        raise ConfigError(
+            "privacy.enabled: the model has BatchNorm layers "
+            f"({', '.join(batch_norms[:3])}{', ...' if len(batch_norms) > 3 else ''}), which mix "
+            "the samples of a batch and so cannot be trained with per-sample DP-SGD; use a "
+            "GroupNorm model or set privacy.enabled=false"
+        )
+    fixed = ModuleValidator.fix(model)
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    after = {k: tuple(v.shape) for k, v in fixed.state_dict().items()}
+    if ModuleValidator.validate(fixed, strict=False) or before != after:
+        raise ConfigError(
+            "privacy.enabled: the model has modules Opacus cannot compute per-sample gradients "
+            f"for ({'; '.join(str(e) for e in errors[:2])}) and no drop-in DP replacement"
+        )
+    return fixed
+
+
+@dataclass
+class DPTrainStats:
+    """What a call of :func:`dp_train_steps` did; ``history`` is what Opacus' own accountant
+    counted, hooked to the DP optimiser: ``(noise_multiplier, sample_rate, steps)``."""
+
+    steps: int
+    examples: int
+    empty_batches: int
+    loss: float
+    seconds: float
+    history: list[tuple[float, float, int]]
+
+
+def poisson_batches(
+    dataset: Dataset,
+    sample_rate: float,
+    steps: int,
+    *,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Iterator[Batch | None]:
+    """``steps`` Poisson batches: each slice joins each batch with probability ``sample_rate``
+    (Opacus' ``UniformWithReplacementSampler``). An empty draw yields ``None``."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset), sample_rate=sample_rate, generator=generator, steps=steps
+    )
+    for indices in sampler:
+        if not indices:
+            yield None
+            continue
+        items = [dataset[i] for i in indices]
+        yield {
+            "image": torch.stack([it["image"] for it in items]).to(device),
+            "mask": torch.stack([it["mask"] for it in items]).to(device),
+        }
+
+
+def dp_train_steps(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    dataset: Dataset,
+    plan: PrivacyPlan,
+    optimizer: torch.optim.Optimizer,
+    *,
+    grad_sample_mode: str = "hooks",
+    proximal: ProximalTerm | None = None,
+    amp_dtype: torch.dtype | None = None,
+    snr_gamma: float | None = None,
+    sampling_generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> DPTrainStats:
+    """One round of DP-SGD: ``plan.steps`` Poisson batches, each an Opacus-private step.
+
+    ``optimizer`` is a plain optimiser over ``model``'s parameters (AdamW from
+    ``make_optimizer``); Opacus wraps it for the round and unhooks the model afterwards, so the
+    model object is unchanged apart from its trained weights. No other gradient clipping is
+    applied. An empty Poisson batch is still a step: the update is pure noise, as DP-SGD's
+    analysis assumes. ``noise_generator`` (on the model's device) and ``sampling_generator``
+    (CPU) must be seeded secretly: whoever knows their seeds can subtract the noise.
+
+    Returns the number of steps, slices seen, empty batches, the mean diffusion loss (without
+    the proximal term) and the accountant history of the round.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    if grad_sample_mode not in ("hooks", "functorch", "ghost"):
+        raise ConfigError(
+            f"privacy.grad_sample_mode: {grad_sample_mode!r} is not one of hooks, functorch, ghost"
+        )
+    if make_dp_compatible(model) is not model:
+        raise ValueError(
+            "the model needs modules swapped for DP: train make_dp_compatible(model) (with an "
+            "optimizer over its parameters) instead"
+        )
+    ghost = grad_sample_mode == "ghost"
+    extra: dict[str, Any] = {"max_grad_norm": plan.max_grad_norm} if ghost else {}
+    hooks = prepare_module(
+        model,
+        grad_sample_mode=grad_sample_mode,
+        wrap_model=False,
+        batch_first=True,
+        loss_reduction="mean",
+        **extra,
+    )
+    optimizer_class = DPOptimizerFastGradientClipping if ghost else DPOptimizer
+    dp_optimizer = optimizer_class(
+        optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+    accountant = RDPAccountant()
+    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+
+    def step(batch: Batch | None) -> float | None:
+        """One DP-SGD step; the batch's mean diffusion loss (None for an empty batch)."""
+        dp_optimizer.zero_grad(set_to_none=True)
+        value = None
+        if batch is None:
+            for p in params:  # what Opacus' own empty-batch path sees: no samples
+                if ghost:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        else:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                per_sample = batch_loss(
+                    model, schedule, batch, reduction="none", snr_gamma=snr_gamma
+                )["loss"]
+            value = float(per_sample.detach().float().mean())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at DP step {steps}")
+            if ghost:
+                DPTensorFastGradientClipping(hooks, dp_optimizer, per_sample, "mean").backward()
+            else:
+                per_sample.mean().backward()
+        if dp_optimizer.pre_step():  # clip per sample, sum, add noise, divide by q*N
+            if proximal is not None:
+                _add_proximal_gradient(model, proximal)
+            optimizer.step()
+        return value
+
+    model.train()
+    total_loss, examples, steps, empty = 0.0, 0, 0, 0
+    start = time.monotonic()
+    try:
+        with warnings.catch_warnings():
+            # Opacus hooks the image stem, whose input needs no gradient: a harmless notice.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for batch in poisson_batches(
+                dataset, plan.sample_rate, plan.steps, device=device, generator=sampling_generator
+            ):
+                value = step(batch)
+                steps += 1
+                if batch is None or value is None:
+                    empty += 1
+                else:
+                    total_loss += value
+                    examples += batch["image"].shape[0]
+                if on_step is not None:
+                    on_step(steps, value if value is not None else float("nan"))
+    finally:
+        hooks.cleanup()
+        for p in params:
+            for attr in ("summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+    non_empty = steps - empty
+    return DPTrainStats(
+        steps=steps,
+        examples=examples,
+        empty_batches=empty,
+        loss=total_loss / max(non_empty, 1),
+        seconds=time.monotonic() - start,
+        history=[(float(s), float(q), int(n)) for s, q, n in accountant.history],
+    )
+
+
+@torch.no_grad()
+def _add_proximal_gradient(model: nn.Module, proximal: ProximalTerm) -> None:
+    """``p.grad += mu (p - p_global)``: the proximal term's gradient, added after the noise."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.grad is not None:
+            reference: Tensor = proximal.reference[name].to(param.device)
+            param.grad.add_(param - reference, alpha=proximal.mu)
+
+
+def secret_seed() -> int:
+    """A seed from the operating system's entropy pool, never from the experiment seed: the
+    server knows that seed, and DP noise it could regenerate would protect nothing."""
+    return int.from_bytes(os.urandom(8), "little") % 2**63
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with :func:`secret_seed`."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secret_seed())
+    return generator
+
+
+__all__ = [
+    "BudgetDecision",
+    "DPTrainStats",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "PrivacyLedgerError",
+    "PrivacyPlan",
+    "default_delta",
+    "dp_train_steps",
+    "epsilon_of",
+    "make_dp_compatible",
+    "plan_privacy",
+    "poisson_batches",
+    "secret_generator",
+    "secret_seed",
+]

@@ -1,0 +1,510 @@
+"""Differential privacy per site (DP-SGD with Opacus) under a budget the system enforces.
+
+* Opacus computes the same gradients as plain training, per-sample clipped, in every grad-sample
+  mode the config offers; an empty Poisson batch is still a (pure-noise) step.
+* The epsilon a site reports is what Opacus' RDP accountant computes for the same noise, sample
+  rate and step count; the ledger survives a new ClientApp each round (it lives on disk).
+* A site at its budget declines, through the real ClientApp handler with real Flower messages,
+  and in a real Flower simulation, where the server goes on with the other sites and the
+  release's model card states each site's final epsilon and delta.
+* Bad settings are one-line errors naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+
+from client.privacy_state import with_site_privacy
+from medsegdiff_core.config import ExperimentConfig, load_config, parse_config
+from medsegdiff_core.diffusion import diffusion_loss
+from medsegdiff_core.errors import ConfigError
+from medsegdiff_core.model import MedSegDiffUNet
+from medsegdiff_core.privacy import (
+    PrivacyLedger,
+    PrivacyLedgerError,
+    PrivacyPlan,
+    default_delta,
+    dp_train_steps,
+    epsilon_of,
+    make_dp_compatible,
+    plan_privacy,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: a second thread only spins, which on a busy 2-core machine made
+    the DP steps 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def opacus_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon as Opacus' accountant counts it when its DP optimiser takes ``steps`` steps."""
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return accountant.get_epsilon(delta=delta)
+
+
+def tiny_config(**privacy: object) -> ExperimentConfig:
+    return parse_config(
+        {
+            "model": {"preset": "tiny", "image_size": 32, "base_channels": 8},
+            "diffusion": {"prediction": "v"},
+            "privacy": privacy,
+        }
+    )
+
+
+def plan(noise: float, sample_rate: float, steps: int, n: int, **kw: object) -> PrivacyPlan:
+    values = {
+        "noise_multiplier": noise,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "max_grad_norm": 1.0,
+        "delta": 1e-5,
+        "delta_is_default": True,
+        "target_epsilon": 8.0,
+        "num_examples": n,
+        "planned_rounds": 1,
+        "noise_calibrated": False,
+    }
+    return PrivacyPlan(**(values | kw))  # type: ignore[arg-type]
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("privacy", "key"),
+    [
+        ({"enabled": True, "target_epsilon": 0}, "privacy.target_epsilon"),
+        ({"enabled": True, "target_epsilon": -1.0}, "privacy.target_epsilon"),
+        ({"enabled": True, "target_epsilon": 3, "delta": 1.0}, "privacy.delta"),
+        (
+            {"enabled": True, "target_epsilon": 3, "noise_multiplier": -0.5},
+            "privacy.noise_multiplier",
+        ),
+        ({"enabled": True}, "privacy.target_epsilon"),
+        ({"central": True}, "privacy.central_clipping_norm"),
+        ({"epsilon": 3}, "privacy.epsilon: unknown key"),
+    ],
+)
+def test_bad_privacy_settings_name_the_key(privacy: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny_config(**privacy)
+
+
+def test_node_config_overrides_are_the_sites_own_and_checked() -> None:
+    config = load_config(ROOT / "configs" / "federated-tiny.yaml")
+    assert not config.privacy.enabled
+    node = {"partition-id": 0, "privacy.enabled": True, "privacy.target_epsilon": 3.0}
+    site = with_site_privacy(config, node)
+    assert site.privacy.enabled and site.privacy.target_epsilon == 3.0
+    assert site.model_dump(exclude={"privacy"}) == config.model_dump(exclude={"privacy"})
+    with pytest.raises(ConfigError, match=r"node config: privacy\.delta"):
+        with_site_privacy(config, node | {"privacy.delta": 2.0})
+
+
+def test_plan_delta_noise_and_sample_rate() -> None:
+    privacy = tiny_config(enabled=True, target_epsilon=3.0).privacy
+    p = plan_privacy(privacy, num_examples=40, batch_size=8, local_steps=30, rounds=3)
+    assert p.sample_rate == pytest.approx(0.2) and p.expected_batch_size == pytest.approx(8)
+    assert p.delta == default_delta(40) == 1e-5 and p.delta_is_default
+    # Opacus picks the noise for the whole plan: 3 rounds of 30 Poisson batches.
+    expected = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.2, steps=90, accountant="rdp"
+    )
+    assert p.noise_calibrated and p.noise_multiplier == pytest.approx(expected)
+    assert 2.98 <= opacus_epsilon(p.noise_multiplier, 0.2, 90, 1e-5) <= 3.0
+    assert default_delta(10**6) == pytest.approx(1e-7)  # always below 1/N
+    with pytest.raises(ConfigError, match=r"privacy\.delta.*1/N"):
+        plan_privacy(
+            tiny_config(enabled=True, target_epsilon=3.0, delta=0.05).privacy,
+            num_examples=40,
+            batch_size=8,
+            local_steps=30,
+            rounds=3,
+        )
+
+
+def test_batchnorm_model_refused_and_ours_needs_no_swap() -> None:
+    model = MedSegDiffUNet(tiny_config().unet_spec())
+    assert make_dp_compatible(model) is model
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ConfigError, match=r"privacy\.enabled: the model has BatchNorm"):
+        make_dp_compatible(bn)
+
+
+# --- DP-SGD ---------------------------------------------------------------------------------
+
+
+def _toy_data(n: int, size: int = 32) -> list[dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    return [
+        {"image": torch.randn(3, size, size), "mask": (torch.rand(2, size, size) > 0.5).float()}
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
+def test_dp_step_is_the_mean_of_clipped_per_sample_gradients(mode: str) -> None:
+    """No noise, every slice sampled: the DP update is -lr * mean_i clip_C(grad_i), where each
+    grad_i is computed alone by plain autograd. So Opacus changes nothing the model computes."""
+    config = tiny_config()
+    schedule = config.diffusion.noise_schedule()
+    torch.manual_seed(0)
+    base = MedSegDiffUNet(config.unet_spec())
+    data = _toy_data(4)
+    clip = 0.05
+    image = torch.stack([d["image"] for d in data])
+    x0 = torch.stack([d["mask"] for d in data]) * 2 - 1
+    torch.manual_seed(5)  # the draws batch_loss makes: timesteps, then noise
+    t = torch.randint(0, schedule.num_steps, (4,))
+    noise = torch.randn(x0.shape)
+
+    reference = copy.deepcopy(base)
+    total = {name: torch.zeros_like(p) for name, p in reference.named_parameters()}
+    norms = []
+    for i in range(4):
+        reference.zero_grad()
+        diffusion_loss(
+            lambda x, tt, i=i: reference(x, tt, image[i : i + 1]),
+            x0[i : i + 1],
+            schedule,
+            t=t[i : i + 1],
+            noise=noise[i : i + 1],
+        )["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+        norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+        norms.append(float(norm))
+        for name, g in grads.items():
+            total[name] += g * min(1.0, clip / (float(norm) + 1e-6))
+    assert max(norms) > clip  # clipping really binds
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(5)
+    stats = dp_train_steps(
+        model,
+        schedule,
+        data,
+        plan(0.0, 1.0, 1, 4, max_grad_norm=clip),
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        grad_sample_mode=mode,
+        sampling_generator=torch.Generator().manual_seed(0),
+    )
+    assert (stats.steps, stats.examples, stats.history) == (1, 4, [(0.0, 1.0, 1)])
+    for name, param in model.named_parameters():
+        expected = dict(base.named_parameters())[name] - total[name] / 4
+        torch.testing.assert_close(param, expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # unhooked
+
+
+def test_fedprox_gradient_is_added_after_clipping_and_noise() -> None:
+    """The proximal term depends on the weights only: its gradient mu (w - w_ref) joins the
+    noisy mean gradient unclipped (here no noise, no binding clip: plain FedProx)."""
+    from medsegdiff_core.training import ProximalTerm, batch_loss
+
+    config = tiny_config()
+    schedule = config.diffusion.noise_schedule()
+    torch.manual_seed(0)
+    base = MedSegDiffUNet(config.unet_spec())
+    data = _toy_data(4)
+    reference = {n: p.detach() - 1.0 for n, p in base.named_parameters()}  # w - w_ref = 1
+    mu = 0.3
+
+    plain = copy.deepcopy(base)
+    torch.manual_seed(5)
+    batch = {k: torch.stack([d[k] for d in data]) for k in ("image", "mask")}
+    loss = batch_loss(plain, schedule, batch)["loss"] + ProximalTerm(mu, reference)(plain)
+    loss.backward()
+    expected = {n: p.detach() - p.grad for n, p in plain.named_parameters()}
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(5)
+    dp_train_steps(
+        model,
+        schedule,
+        data,
+        plan(0.0, 1.0, 1, 4, max_grad_norm=1e6),
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        proximal=ProximalTerm(mu, reference),
+        sampling_generator=torch.Generator().manual_seed(0),
+    )
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_empty_poisson_batches_are_noise_steps_and_counted() -> None:
+    config = tiny_config()
+    model = MedSegDiffUNet(config.unet_spec())
+    before = copy.deepcopy(model.state_dict())
+    p = plan(1.0, 1e-12, 3, 2)  # nobody is ever sampled
+    results = []
+    for seed in (7, 7, 8):
+        trained = copy.deepcopy(model)
+        stats = dp_train_steps(
+            trained,
+            config.diffusion.noise_schedule(),
+            _toy_data(2),
+            p,
+            torch.optim.SGD(trained.parameters(), lr=1e-12),
+            noise_generator=torch.Generator().manual_seed(seed),
+        )
+        assert (stats.steps, stats.empty_batches, stats.examples) == (3, 3, 0)
+        assert stats.history == [(1.0, 1e-12, 3)]  # Opacus' own accountant counted them
+        results.append(trained.state_dict())
+    for key, value in before.items():
+        assert not torch.equal(results[0][key], value)  # noise moved every weight
+        assert torch.isfinite(results[0][key]).all()
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=0)
+    assert any(not torch.equal(results[0][k], results[2][k]) for k in before)
+
+
+# --- accounting -----------------------------------------------------------------------------
+
+
+def test_ledger_epsilon_is_opacus_and_survives_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "privacy-ledger.json"
+    p = plan(1.1, 0.1, 5, 40, target_epsilon=1e9)
+    for server_round in (1, 2):
+        ledger = PrivacyLedger(path)  # a new ClientApp / SuperNode process each round
+        decision = ledger.reserve(server_round, p)
+        assert decision.granted
+        ledger.complete(decision.entry, [(1.1, 0.1, 5)])
+    assert PrivacyLedger(path).epsilon(1e-5) == pytest.approx(
+        opacus_epsilon(1.1, 0.1, 10, 1e-5), rel=1e-12
+    )
+    # A round that started and never finished (crash) counts in full: the safe side.
+    PrivacyLedger(path).reserve(3, p)
+    data = json.loads(path.read_text())
+    assert [e["status"] for e in data["entries"]] == ["completed", "completed", "started"]
+    assert PrivacyLedger(path).epsilon(1e-5) == pytest.approx(opacus_epsilon(1.1, 0.1, 15, 1e-5))
+
+    path.write_text("{not json")
+    with pytest.raises(PrivacyLedgerError, match="refuses to train"):
+        PrivacyLedger(path).reserve(4, p)
+
+
+def test_budget_declines_the_round_that_would_exceed_it(tmp_path: Path) -> None:
+    one_round = opacus_epsilon(1.0, 0.1, 5, 1e-5)
+    p = plan(1.0, 0.1, 5, 40, target_epsilon=1.01 * opacus_epsilon(1.0, 0.1, 10, 1e-5))
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    for server_round in (1, 2):
+        decision = ledger.reserve(server_round, p)
+        assert decision.granted
+        ledger.complete(decision.entry, [(1.0, 0.1, 5)])
+    refused = ledger.reserve(3, p)
+    assert not refused.granted and "privacy budget" in refused.reason
+    assert refused.spent == pytest.approx(opacus_epsilon(1.0, 0.1, 10, 1e-5))
+    assert refused.after == pytest.approx(opacus_epsilon(1.0, 0.1, 15, 1e-5))
+    assert len(ledger.entries()) == 2 and one_round < refused.spent
+    assert epsilon_of([(0.0, 0.1, 1)], 1e-5) == float("inf")  # no noise, no guarantee
+
+
+def test_ledger_location_is_the_sites_choice_not_the_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.privacy_state import ledger_path
+    from client.site import Site
+
+    monkeypatch.setenv("FEDMEDSEGDIFF_HOME", str(tmp_path / "site-home"))
+    site = Site("hospital-a", tmp_path, tmp_path / "server-workdir" / "sites" / "x", None, None)  # type: ignore[arg-type]
+    real = {"data-path": str(tmp_path)}
+    assert ledger_path(site, real) == tmp_path / "site-home" / "sites" / "hospital-a" / (
+        "privacy-ledger.json"
+    )
+    assert ledger_path(site, real | {"state-dir": "/x"}) == site.state_dir / "privacy-ledger.json"
+    assert ledger_path(site, {"privacy-ledger": str(tmp_path / "l.json")}) == tmp_path / "l.json"
+    assert ledger_path(site, {"partition-id": 0}) == site.state_dir / "privacy-ledger.json"
+
+
+# --- the ClientApp with real messages ---------------------------------------------------------
+
+
+def test_client_app_reports_opacus_epsilon_and_declines_at_budget(
+    fundus_sites: list[Path], tmp_path: Path
+) -> None:
+    from client import client_app
+
+    overrides = (
+        "federation.local_steps=3 train.batch_size=4 model.base_channels=8 federation.rounds=3"
+    )
+    run_config = {"workdir": str(tmp_path / "work"), "overrides": overrides}
+    # The hospital's SuperNode sets its own budget: exactly two rounds of noise 1.0 fit.
+    q, delta = 4 / 24, default_delta(24)
+    target = 1.001 * opacus_epsilon(1.0, q, 6, delta)
+    node_config = {
+        "data-path": str(fundus_sites[0]),
+        "site-name": "hospital-a",
+        "state-dir": str(tmp_path / "hospital-a-state"),
+        "privacy.enabled": True,
+        "privacy.noise_multiplier": 1.0,
+        "privacy.target_epsilon": target,
+        "privacy.grad_sample_mode": "functorch",
+    }
+    config = load_config(ROOT / "configs/federated-tiny.yaml", overrides.split())
+    weights = ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict())
+
+    replies = []
+    for server_round in (1, 2, 3):
+        msg = Message(  # as the SuperNode hands it over: metadata set by the SuperLink
+            content=RecordDict(
+                {"arrays": weights, "config": ConfigRecord({"server-round": server_round})}
+            ),
+            metadata=Metadata(
+                run_id=1,
+                message_id=f"train-{server_round}",
+                src_node_id=0,
+                dst_node_id=1,
+                reply_to_message_id="",
+                group_id=str(server_round),
+                created_at=time.time(),
+                ttl=3600.0,
+                message_type="train",
+            ),
+        )
+        context = Context(  # a fresh ClientApp context every round
+            run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+        )
+        replies.append(client_app.train(msg, context))
+
+    for server_round, reply in zip((1, 2), replies[:2], strict=True):
+        privacy = reply.content["privacy"]
+        assert privacy["enabled"] and not privacy["declined"]
+        assert "arrays" in reply.content.array_records
+        assert reply.content["metrics"]["train-steps"] == 3
+        assert privacy["sample-rate"] == pytest.approx(q) and privacy["delta"] == delta
+        assert privacy["epsilon"] == pytest.approx(
+            opacus_epsilon(1.0, q, 3 * server_round, delta), rel=1e-12
+        )
+    declined = replies[2].content
+    assert declined["privacy"]["declined"] and "privacy budget" in declined["privacy"]["reason"]
+    assert not declined.array_records  # no weights leave a site that declines
+    assert declined["privacy"]["epsilon"] == pytest.approx(replies[1].content["privacy"]["epsilon"])
+    ledger = json.loads((tmp_path / "hospital-a-state" / "privacy-ledger.json").read_text())
+    assert [(e["round"], e["steps"], e["status"]) for e in ledger["entries"]] == [
+        (1, 3, "completed"),
+        (2, 3, "completed"),
+    ]
+
+
+# --- a real Flower simulation ----------------------------------------------------------------
+
+SIMULATION = """
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from client import client_app
+from server import server_app
+
+RUN_CONFIG = {{"workdir": {workdir!r}, "overrides": {overrides!r}}}
+NODE_CONFIG = {node_config!r}  # what each hospital's SuperNode would set
+
+client = ClientApp()
+server = ServerApp()
+
+
+def context_for(context, node=False):
+    extra = NODE_CONFIG[int(context.node_config["partition-id"])] if node else {{}}
+    return Context(context.run_id, context.node_id, dict(context.node_config) | extra,
+                   context.state, dict(context.run_config) | RUN_CONFIG)
+
+
+@client.train()
+def train(msg, context):
+    return client_app.train(msg, context_for(context, node=True))
+
+
+@client.evaluate()
+def evaluate(msg, context):
+    return client_app.evaluate(msg, context_for(context, node=True))
+
+
+@server.main()
+def main(grid, context):
+    server_app.main(grid, context_for(context))
+
+
+BACKEND = {{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}}
+run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
+"""
+
+
+def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    steps, n, batch = 4, 40, 8
+    q, delta = batch / n, default_delta(n)
+    node_config = {
+        0: {"privacy.enabled": True, "privacy.target_epsilon": 8.0},  # noise chosen by Opacus
+        1: {  # budget for exactly one round
+            "privacy.enabled": True,
+            "privacy.noise_multiplier": 1.0,
+            "privacy.target_epsilon": 1.001 * opacus_epsilon(1.0, q, steps, delta),
+        },
+        2: {},  # this hospital trains without DP
+    }
+    overrides = (
+        f"federation.rounds=2 federation.local_steps={steps} inference.sampling_steps=3 "
+        "inference.ensemble=2 privacy.central=true privacy.central_clipping_norm=10 "
+        "privacy.central_noise_multiplier=0.0001"
+    )
+    script = tmp_path / "dp-sim.py"
+    script.write_text(
+        SIMULATION.format(workdir=str(workdir), overrides=overrides, node_config=node_config)
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "round 2: site-1 declined to train: privacy budget" in output
+
+    state = json.loads((workdir / "runs" / "federated-tiny" / "state.json").read_text())
+    first, second = state["history"]
+    assert first["sites_trained"] == ["site-0", "site-1", "site-2"] and not first["declined"]
+    assert second["sites_trained"] == ["site-0", "site-2"]  # the server went on without site-1
+    assert [d["site"] for d in second["declined"]] == ["site-1"]
+    assert second["rejected"] == [] and not second.get("failed")
+    assert second["central_dp"] == {"sites": 2}
+
+    card = json.loads((workdir / "releases" / "fundus-tiny-v1" / "model-card.json").read_text())
+    sites = card["privacy"]["sites"]
+    sigma0 = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=delta, sample_rate=q, steps=2 * steps, accountant="rdp"
+    )
+    assert sites["site-0"]["epsilon"] == pytest.approx(opacus_epsilon(sigma0, q, 2 * steps, delta))
+    assert sites["site-0"]["epsilon"] <= 8.0 and sites["site-0"]["delta"] == delta
+    assert sites["site-0"]["rounds_trained"] == [1, 2]
+    assert sites["site-1"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, q, steps, delta))
+    assert sites["site-1"]["declined_rounds"] == [2] and sites["site-1"]["rounds_trained"] == [1]
+    assert sites["site-2"]["dp"] is False and sites["site-2"]["epsilon"] is None
+    central = card["privacy"]["central"]
+    assert central["noisy_rounds"] == 2 and central["epsilon"] > 0
+    assert "server itself" in central["does_not_protect"]
