@@ -34,6 +34,7 @@ from medsegdiff_core.training import (
     train_steps,
 )
 
+from . import telemetry
 from .privacy_state import privacy_record, site_ledger, with_site_privacy
 from .site import Site
 
@@ -72,6 +73,7 @@ def _proximal(model: MedSegDiffUNet, mu: float) -> ProximalTerm | None:
 
 
 @app.train()
+@telemetry.observed
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's data for ``federation.local_steps`` steps."""
     site = Site.from_context(context)
@@ -199,6 +201,7 @@ def _train_private(
 
 
 @app.evaluate()
+@telemetry.observed
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this site's validation split with the fast ensemble sampler."""
     site = Site.from_context(context)

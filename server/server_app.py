@@ -115,6 +115,17 @@ def _site_metrics(replies: list[Message]) -> dict[str, dict[str, Any]]:
     return {site_name(m): dict(m.content["metrics"]) for m in replies if not m.has_error()}
 
 
+def _wait_for_sites(grid: Grid, minimum: int, *, timeout_s: float) -> None:
+    """Wait until ``minimum`` SuperNodes are connected (or the timeout passes).
+
+    Flower's strategies size a round's sample from the nodes connected when they are asked,
+    before waiting for ``min_available_nodes``; a site still reconnecting after a restart would
+    otherwise be left out of the round even with ``fraction_train=1``."""
+    deadline = time.monotonic() + timeout_s
+    while len(list(grid.get_node_ids())) < minimum and time.monotonic() < deadline:
+        time.sleep(1.0)
+
+
 def run_round(
     server_round: int,
     grid: Grid,
@@ -128,6 +139,7 @@ def run_round(
     A site whose privacy budget would be exceeded declines: it is logged by name, left out
     without counting as a rejected update, and the round goes on with the others."""
     fed = config.federation
+    _wait_for_sites(grid, fed.min_available_sites, timeout_s=fed.round_timeout_s)
     start = time.monotonic()
     replies = list(
         grid.send_and_receive(

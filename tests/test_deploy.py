@@ -1,0 +1,534 @@
+"""The deployment kit (``deploy/``), first in pieces, then as a real federation.
+
+The real federation is one SuperLink (TLS, SuperNode authentication) and four hospital SuperNodes
+on 127.0.0.1, each a separate long-lived process restarted when it exits (as systemd would), with
+a metrics exporter per daemon and a real Prometheus scraping them. ``site-d``'s training folder
+has a broken image. The tests of this module share it and run in order:
+
+* a SuperNode with an unregistered key, and one speaking plaintext, are refused;
+* ``flwr run`` for 4 rounds; ``site-c``'s SuperNode is killed (SIGKILL) as round 2 reaches it:
+  round 2 completes with the others, ``site-c`` is restarted, rejoins and trains again (in round
+  4 for sure: see the test for why round 3 is left to chance);
+* Prometheus scraped the server's and every site's metrics (the sites' per-round numbers once
+  ``client/client_app.py`` decorates its handlers with ``telemetry.observed``);
+* ``site-d`` reports its broken file in its metrics and log and keeps serving (it evaluates);
+* the SuperLink, with its ServerApp, is killed mid-run: after its restart ``flwr run`` resumes
+  from the last committed round.
+
+Each round starts a ClientApp process per site, so this costs minutes: the rounds are few and
+short (tiny preset, 4 local steps, one federated evaluation per run).
+``FEDMEDSEGDIFF_DEPLOY_TEST_APP=/path/to/checkout`` runs the federation with another copy of the
+app (the ClientApp and ServerApp come from the FAB that ``flwr run`` builds from it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.metadata import Metadata
+from prometheus_client import CollectorRegistry, generate_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # deploy/ is run from the checkout, not installed
+
+from client import telemetry  # noqa: E402
+from deploy.certs import create_pki  # noqa: E402
+from deploy.exporter import DataWatcher, ServerCollector, SiteCollector  # noqa: E402
+from deploy.hospital import HospitalConfig  # noqa: E402
+from deploy.launch import Federation, marked_pids_prefix  # noqa: E402
+from deploy.prometheus import prometheus_binary, query, start_prometheus, values, wait_for  # noqa: E402
+from medsegdiff_core.data.synthetic import write_fundus_sites  # noqa: E402
+from medsegdiff_core.errors import ConfigError  # noqa: E402
+
+APP = Path(os.environ.get("FEDMEDSEGDIFF_DEPLOY_TEST_APP") or ROOT)
+# The ClientApp writes telemetry.json once client_app.py decorates its handlers.
+CLIENT_HOOKED = "telemetry.observed" in (APP / "client" / "client_app.py").read_text()
+OVERRIDES = (
+    "federation.local_steps=4 federation.min_sites=2 federation.min_available_sites=4 "
+    "federation.evaluate_every=100 federation.round_timeout_s=900 "
+    "inference.sampling_steps=3 inference.ensemble=2"
+)
+BROKEN = "case-0003.png"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """``name{labels}`` -> value from the Prometheus text format."""
+    found = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            found[key] = float(value)
+    return found
+
+
+def scrape(collector) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return parse_metrics(generate_latest(registry).decode())
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_certs_make_a_chain_and_flower_node_keys(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    pki = create_pki(tmp_path / "pki", hosts=["127.0.0.1", "localhost"], sites=["site-a"])
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    assert server.issuer == ca.subject
+    ca.public_key().verify(
+        server.signature, server.tbs_certificate_bytes, ec.ECDSA(server.signature_hash_algorithm)
+    )
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for private in (pki.ca_key, pki.server_key, pki.node_key("site-a")):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    key = load_ssh_private_key(pki.node_key("site-a").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(
+        pki.node_public_key("site-a")
+    )  # what `flwr supernode register` reads
+
+    # Again, with one more site: existing keys are kept, the new one is added.
+    before = pki.ca_key.read_bytes(), pki.node_key("site-a").read_bytes()
+    create_pki(tmp_path / "pki", hosts=["127.0.0.1"], sites=["site-a", "site-b"])
+    assert (pki.ca_key.read_bytes(), pki.node_key("site-a").read_bytes()) == before
+    assert pki.node_public_key("site-b").is_file()
+
+
+def test_hospital_config_gives_flower_the_node_config(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    example = HospitalConfig.load(ROOT / "deploy" / "hospital.example.toml")
+    assert example.metrics_port == 9101 and example.data.layout == "generic"
+    path = tmp_path / "hospital.toml"
+    path.write_text(
+        'site-name = "site-a"\ndata-path = "/data/site a"\nstate-dir = "/var/lib/f/site-a"\n'
+        '[superlink]\naddress = "fl.example.org:9092"\nroot-certificates = "/pki/ca.crt"\n'
+        'auth-key = "/pki/site-a"\n[privacy]\nenabled = true\ntarget_epsilon = 8.0\n'
+    )
+    config = HospitalConfig.load(path)
+    command = config.supernode_command(runtime_port=9200)
+    assert command[:3] == ["flower-supernode", "--superlink", "fl.example.org:9092"]
+    assert "--insecure" not in command and "--port" in command
+    assert parse_config_args([command[-1]]) == {
+        "data-path": "/data/site a",
+        "site-name": "site-a",
+        "state-dir": "/var/lib/f/site-a",
+        "privacy.enabled": True,
+        "privacy.target_epsilon": 8.0,
+    }
+    good = path.read_text()
+    no_key = good.replace('auth-key = "/pki/site-a"\n', "")
+    path.write_text(no_key)
+    with pytest.raises(ConfigError, match="auth-key"):
+        HospitalConfig.load(path)
+    path.write_text(no_key + "[metrics]\nprot = 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        HospitalConfig.load(path)
+    path.write_text(good.replace("target_epsilon", "target_epsilom"))
+    with pytest.raises(ConfigError, match="target_epsilom"):
+        HospitalConfig.load(path)
+
+
+def _message(kind: str, server_round: int, arrays: ArrayRecord | None) -> Message:
+    content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    metadata = Metadata(1, "m1", 0, 7, "", "", time.time(), 600.0, kind)
+    return Message(content=content, metadata=metadata)
+
+
+def site_metrics_sample(tmp_path: Path) -> tuple[dict[str, float], Path, int]:
+    """A site exporter's scrape after one training round, one evaluation, one failure, with a
+    broken image in its data folder."""
+    import numpy as np
+
+    (site,) = write_fundus_sites(
+        tmp_path / "data", num_sites=1, cases={"train": 3, "val": 2}, size=32
+    )
+    state = tmp_path / "state"
+    arrays = ArrayRecord([np.ones((10, 10), dtype=np.float32)])
+    size = arrays.count_bytes()
+    train = _message("train", 2, arrays)
+    reply = Message(
+        RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": MetricRecord({"num-examples": 3, "train-loss": 0.25}),
+                "privacy": ConfigRecord({"enabled": True, "epsilon": 1.5, "target-epsilon": 8.0}),
+            }
+        ),
+        reply_to=train,
+    )
+    telemetry.record_reply(state, "site-a", train, reply, 4.0, now=1000.0)
+    evaluate = _message("evaluate", 2, arrays)
+    telemetry.record_reply(
+        state,
+        "site-a",
+        evaluate,
+        Message(
+            RecordDict({"metrics": MetricRecord({"dice": 0.7, "dice-cup": 0.5})}), reply_to=evaluate
+        ),
+        1.0,
+    )
+    telemetry.record_failure(state, "site-a", _message("train", 3, arrays), OSError("disk"), 0.5)
+
+    (site / "train" / "images" / "case-0001.png").write_bytes(b"broken")
+    watcher = DataWatcher(
+        site, HospitalConfig.load(ROOT / "deploy" / "hospital.example.toml").data, 60
+    )
+    watcher.poll()
+    return scrape(SiteCollector("site-a", state, watcher)), state, size
+
+
+def test_site_telemetry_and_exporter(tmp_path: Path) -> None:
+    m, state, size = site_metrics_sample(tmp_path)
+    s = '{site="site-a"}'
+    assert m[f"fedmedsegdiff_site_rounds_completed_total{s}"] == 1
+    assert m['fedmedsegdiff_site_round_failures_total{kind="train",site="site-a"}'] == 1
+    assert m[f"fedmedsegdiff_site_bytes_received_total{s}"] == 3 * size  # 3 messages with weights
+    assert m[f"fedmedsegdiff_site_bytes_sent_total{s}"] == size
+    assert m[f"fedmedsegdiff_site_training_loss{s}"] == 0.25
+    assert m[f"fedmedsegdiff_site_local_examples{s}"] == 3
+    assert m[f"fedmedsegdiff_site_last_round{s}"] == 2
+    assert m[f"fedmedsegdiff_site_last_round_duration_seconds{s}"] == 4.0
+    assert m[f"fedmedsegdiff_site_last_success_timestamp_seconds{s}"] == 1000.0
+    assert m[f"fedmedsegdiff_site_validation_dice{s}"] == 0.7
+    assert m['fedmedsegdiff_site_validation_class_dice{class="cup",site="site-a"}'] == 0.5
+    assert m[f"fedmedsegdiff_site_epsilon_spent{s}"] == 1.5
+    assert m['fedmedsegdiff_site_data_problems{site="site-a",split="train"}'] == 1
+    assert m['fedmedsegdiff_site_data_problems{site="site-a",split="val"}'] == 0
+    assert m['fedmedsegdiff_site_data_cases{site="site-a",split="val"}'] == 2
+    assert m[f"fedmedsegdiff_site_data_ok{s}"] == 0
+    assert any(
+        "case-0001.png" in key
+        for key in m
+        if key.startswith("fedmedsegdiff_site_data_problem_info")
+    )
+    assert telemetry.load(state)["last_error"]["message"] == "OSError: disk"
+
+
+def server_metrics_sample(tmp_path: Path) -> dict[str, float]:
+    """The server exporter's scrape of a one-round run."""
+    run = tmp_path / "runs" / "exp"
+    run.mkdir(parents=True)
+    history = [
+        {
+            "round": 1,
+            "sites_trained": ["site-a", "site-b"],
+            "rejected": [{"site": "node-9", "reason": "client error: unavailable"}],
+            "train": {"train-loss": 0.5, "num-examples": 80},
+            "evaluate": {"dice": 0.6, "dice-disc": 0.8},
+            "site_train": {"site-a": {"num-examples": 40, "train-loss": 0.4}},
+            "site_evaluate": {"site-a": {"dice": 0.65}, "site-b": {"dice": 0.55}},
+            "privacy": {"site-a": {"enabled": True, "epsilon": 2.0}},
+            "update_bytes": 2000,
+            "model_bytes": 1000,
+            "wall_s": 12.5,
+        }
+    ]
+    (run / "state.json").write_text(json.dumps({"completed_round": 1, "history": history}))
+    return scrape(ServerCollector(tmp_path / "runs"))
+
+
+def test_server_exporter_reads_the_run_state(tmp_path: Path) -> None:
+    m = server_metrics_sample(tmp_path)
+    r = '{run="exp"}'
+    assert m[f"fedmedsegdiff_server_rounds_completed_total{r}"] == 1
+    assert m[f"fedmedsegdiff_server_last_round_duration_seconds{r}"] == 12.5
+    assert m[f"fedmedsegdiff_server_training_loss{r}"] == 0.5
+    assert m[f"fedmedsegdiff_server_examples{r}"] == 80
+    assert m[f"fedmedsegdiff_server_validation_dice{r}"] == 0.6
+    assert m[f"fedmedsegdiff_server_updates_rejected_total{r}"] == 1
+    assert m[f"fedmedsegdiff_server_bytes_received_total{r}"] == 2000
+    assert m[f"fedmedsegdiff_server_bytes_sent_total{r}"] == 1000 * (3 + 2)
+    assert m['fedmedsegdiff_server_site_epsilon_spent{run="exp",site="site-a"}'] == 2.0
+    assert m['fedmedsegdiff_server_site_updates_rejected_total{run="exp",site="node-9"}'] == 1
+
+
+def test_dashboard_and_alerts_use_exported_metrics(tmp_path: Path) -> None:
+    import re
+
+    import yaml
+
+    exported = {
+        key.split("{")[0]
+        for key in [*site_metrics_sample(tmp_path / "site")[0], *server_metrics_sample(tmp_path)]
+    }
+    dashboard = (ROOT / "deploy" / "grafana" / "fedmedsegdiff-dashboard.json").read_text()
+    json.loads(dashboard)
+    alerts = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    yaml.safe_load(alerts)
+    used = set(re.findall(r"fedmedsegdiff_[a-z_]+", dashboard + alerts))
+    assert used and used <= exported, sorted(used - exported)
+
+
+# --------------------------------------------------------------------------------------------
+# A real federation
+# --------------------------------------------------------------------------------------------
+
+FIGURES: dict[str, object] = {}
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} after {timeout_s:.0f} s")
+
+
+def completed(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "state.json").read_text())["completed_round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("federation")
+    fed = Federation(
+        root,
+        sites=["site-a", "site-b", "site-c", "site-d"],
+        app=APP,
+        cases={"train": 8, "val": 2},
+        image_size=32,
+        check_interval_s=1.0,
+    )
+    try:
+        fed.prepare()
+        (fed.hospitals["site-d"].data_path / "train" / "images" / BROKEN).write_bytes(b"not a png")
+        fed.up()
+        fed.wait_online()
+        fed.prometheus = start_prometheus(fed, interval_s=1.0) if prometheus_binary() else None
+        yield fed
+    finally:
+        fed.stop()
+        left = marked_pids_prefix(fed.tag)
+        (root / "figures.json").write_text(json.dumps(FIGURES, indent=1))
+        print("deploy figures:", json.dumps(FIGURES))
+    assert not left, f"processes left running: {left}"
+
+
+def test_unregistered_key_and_plaintext_supernodes_refused(federation: Federation) -> None:
+    other = create_pki(federation.root / "other-pki", hosts=["127.0.0.1"], sites=["intruder"])
+    site = federation.hospitals["site-a"]
+    intruder = federation.write_hospital_config(
+        site,
+        auth_key=other.node_key("intruder"),
+        path=federation.root / "intruder.toml",
+        state_dir=federation.root / "state" / "intruder",
+    )
+    plaintext = federation.write_hospital_config(
+        site,
+        insecure=True,
+        max_wait_time=8,
+        path=federation.root / "plaintext.toml",
+        state_dir=federation.root / "state" / "plaintext",
+    )
+    start = time.monotonic()
+    refused = {
+        "intruder": federation.start_supernode("site-a", config_path=intruder, name="intruder"),
+        "plaintext": federation.start_supernode("site-a", config_path=plaintext, name="plaintext"),
+    }
+    for name, process in refused.items():
+        assert process.wait(timeout=120) != 0, federation.log(name)
+        FIGURES[f"{name}_refused_after_s"] = round(time.monotonic() - start, 1)
+    assert "Failed to activate SuperNode" in federation.log("intruder")
+    assert "No SuperNode found with the given public key" in federation.log("superlink")
+    assert "SuperNode ID" not in federation.log("plaintext")  # never got in
+    nodes = federation.supernodes()
+    assert len(nodes) == 4, nodes  # only the registered keys
+
+
+def test_supernode_killed_mid_round_rejoins_next_round(federation: Federation) -> None:
+    run_dir = federation.server_workdir / "runs" / "deploy-kill"
+    overrides = f"name=deploy-kill federation.rounds=4 {OVERRIDES}"
+    started = time.monotonic()
+    run = federation.start_run({"overrides": overrides}, name="run-kill")
+    wait_until(lambda: completed(run_dir) >= 1 or run.poll() is not None, 900, "round 1")
+    assert completed(run_dir) >= 1, federation.log("run-kill")[-3000:]
+    FIGURES["round_1_s"] = round(time.monotonic() - started, 1)
+
+    # Round 2 reaches site-c: its SuperNode starts a ClientApp for it. Kill the SuperNode and all
+    # under it at once, before it can reply.
+    log = federation.logs / "supernode-site-c.log"
+    wait_until(
+        lambda: (
+            log.read_text().count("Start `flwr-clientapp` process") >= 2
+            and federation.app_pids("supernode-site-c")
+        ),
+        600,
+        "site-c's round-2 ClientApp",
+        poll_s=0.05,
+    )
+    assert completed(run_dir) == 1
+    killed = time.monotonic()
+    federation.kill("supernode-site-c")  # SIGKILL; the supervisor restarts it, like systemd
+    wait_until(lambda: completed(run_dir) >= 2, 600, "round 2 without site-c")
+    FIGURES["round_2_done_after_kill_s"] = round(time.monotonic() - killed, 1)
+    # The restarted SuperNode waits until the SuperLink counts its lost session offline.
+    wait_until(lambda: log.read_text().count("SuperNode ID:") >= 2, 600, "site-c rejoining")
+    FIGURES["site_c_rejoined_after_kill_s"] = round(time.monotonic() - killed, 1)
+    assert "stopped without leaving the federation" in log.read_text()
+    assert run.wait(timeout=900) == 0, federation.log("run-kill")[-3000:]
+
+    history = json.loads((run_dir / "state.json").read_text())["history"]
+    assert [r["round"] for r in history] == [1, 2, 3, 4]  # no round lost
+    trained = [r["sites_trained"] for r in history]
+    assert trained[0] == ["site-a", "site-b", "site-c"]
+    assert trained[1] == ["site-a", "site-b"]  # round 2 went on without the killed site
+    # Round 3 was configured while site-c was still away: Flower's FedAvg sizes its sample from
+    # the nodes connected before it waits for min_available_sites, so site-c is in it only by
+    # chance. Round 4 is configured with every node connected: site-c trains again.
+    assert trained[3] == ["site-a", "site-b", "site-c"]
+    assert not any(r.get("failed") for r in history)
+    FIGURES["site_c_in_round_3"] = "site-c" in trained[2]
+    FIGURES["rounds_lost"] = 0
+
+
+def test_prometheus_scraped_server_and_sites(federation: Federation) -> None:
+    if federation.prometheus is None:
+        pytest.skip("prometheus is not installed (CI installs it: apt-get install prometheus)")
+    url = federation.prometheus
+    rounds = wait_for(
+        url,
+        'fedmedsegdiff_server_rounds_completed_total{run="deploy-kill"}',
+        lambda r: r and float(r[0]["value"][1]) == 4,
+    )
+    assert rounds
+    up = values(query(url, "up"), "job")
+    assert up == {f"fedmedsegdiff-{job}": 1.0 for job in federation.metrics_targets()}
+    scraped = {
+        "server_rounds_completed": 4,
+        "server_validation_dice": values(
+            query(url, 'fedmedsegdiff_server_validation_dice{run="deploy-kill"}'), "run"
+        ),
+        "server_updates_rejected": values(
+            query(url, 'fedmedsegdiff_server_updates_rejected_total{run="deploy-kill"}'), "run"
+        ),
+        "server_last_round_duration_s": values(
+            query(url, 'fedmedsegdiff_server_last_round_duration_seconds{run="deploy-kill"}'), "run"
+        ),
+        "site_data_cases_train": values(
+            query(url, 'fedmedsegdiff_site_data_cases{split="train"}'), "site"
+        ),
+        "site_data_problems_train": values(
+            query(url, 'fedmedsegdiff_site_data_problems{split="train"}'), "site"
+        ),
+    }
+    assert 0.0 <= scraped["server_validation_dice"]["deploy-kill"] <= 1.0
+    history = json.loads(
+        (federation.server_workdir / "runs" / "deploy-kill" / "state.json").read_text()
+    )["history"]
+    broken = sum(BROKEN in r["reason"] for record in history for r in record["rejected"])
+    # site-d whenever it was asked to train (broken data), site-c once (killed)
+    assert scraped["server_updates_rejected"]["deploy-kill"] == broken + 1
+    assert scraped["site_data_cases_train"] == {f"site-{k}": 8.0 for k in "abcd"}
+    assert scraped["site_data_problems_train"] == {
+        "site-a": 0.0,
+        "site-b": 0.0,
+        "site-c": 0.0,
+        "site-d": 1.0,
+    }
+    if CLIENT_HOOKED:
+        expected = {
+            site: float(sum(site in r["sites_trained"] for r in history))
+            for site in federation.hospitals
+        }
+        done = values(
+            wait_for(
+                url,
+                "fedmedsegdiff_site_rounds_completed_total",
+                lambda r: values(r, "site") == expected,
+            ),
+            "site",
+        )
+        failures = values(
+            query(url, 'fedmedsegdiff_site_round_failures_total{kind="train"}'), "site"
+        )
+        assert failures["site-d"] == broken
+        scraped["site_rounds_completed"] = done
+        scraped["site_training_loss"] = values(
+            query(url, "fedmedsegdiff_site_training_loss"), "site"
+        )
+        scraped["site_validation_dice"] = values(
+            query(url, "fedmedsegdiff_site_validation_dice"), "site"
+        )
+        scraped["site_bytes_sent"] = values(
+            query(url, "fedmedsegdiff_site_bytes_sent_total"), "site"
+        )
+    FIGURES["prometheus"] = scraped
+
+
+def test_site_with_bad_data_reports_it_and_keeps_serving(federation: Federation) -> None:
+    history = json.loads(
+        (federation.server_workdir / "runs" / "deploy-kill" / "state.json").read_text()
+    )["history"]
+    # Whenever site-d was asked to train (every round it was sampled for: at least 3 of 4), its
+    # training failed with the broken file named, and the round went on without it.
+    broken = [
+        record["round"]
+        for record in history
+        if any(BROKEN in r["reason"] for r in record["rejected"])
+    ]
+    assert len(broken) >= 3, broken
+    assert not any("site-d" in record["sites_trained"] for record in history)
+    assert "site-d" in history[-1]["site_evaluate"]  # it still answers: evaluation on val/
+    assert not [t for t, name in federation.restarts if name == "supernode-site-d"]
+    assert federation.processes["supernode-site-d"].poll() is None
+    log = federation.log("exporter-site-d")
+    assert "data problem (train)" in log and BROKEN in log
+
+
+def test_superlink_killed_mid_run_resumes_from_checkpoint(federation: Federation) -> None:
+    run_dir = federation.server_workdir / "runs" / "deploy-resume"
+    overrides = f"name=deploy-resume federation.rounds=2 {OVERRIDES}"
+    first = federation.start_run({"overrides": overrides}, name="run-resume-1")
+    wait_until(lambda: completed(run_dir) >= 1 or first.poll() is not None, 900, "round 1")
+    assert completed(run_dir) == 1, federation.log("run-resume-1")[-3000:]
+    killed = time.monotonic()
+    serverapps = federation.app_pids("superlink", "flwr-serverapp")
+    assert serverapps, "no ServerApp process under the SuperLink"
+    federation.kill("superlink")  # SuperLink, SuperExec and ServerApp, SIGKILL
+    try:
+        first.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # still waiting for a SuperLink that is gone
+        federation.kill("run-resume-1")
+    assert completed(run_dir) == 1
+    restarted_after = wait_until(
+        lambda: [t for t, name in federation.restarts if name == "superlink"], 120, "restart"
+    )
+    assert restarted_after
+    FIGURES["superlink_back_after_kill_s"] = round(time.monotonic() - killed, 1)
+    federation.wait_online()  # the SuperNodes reconnect (restarted if they gave up)
+    FIGURES["all_supernodes_back_after_kill_s"] = round(time.monotonic() - killed, 1)
+    second = federation.start_run({"overrides": overrides}, name="run-resume-2")
+    assert second.wait(timeout=900) == 0, federation.log("run-resume-2")[-3000:]
+    FIGURES["superlink_kill_to_round_2_committed_s"] = round(time.monotonic() - killed, 1)
+    assert "resuming deploy-resume after round 1" in federation.log("run-resume-2")
+    history = json.loads((run_dir / "state.json").read_text())["history"]
+    assert [r["round"] for r in history] == [1, 2]
+    assert history[1]["sites_trained"] == ["site-a", "site-b", "site-c"]
