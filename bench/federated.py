@@ -30,10 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from client.site import builtin_sites  # noqa: E402
 from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
 from medsegdiff_core.config import load_config  # noqa: E402
 from medsegdiff_core.data import SegmentationFolder  # noqa: E402
-from medsegdiff_core.data.synthetic import write_fundus_sites  # noqa: E402
 from medsegdiff_core.inference import evaluate_dataset  # noqa: E402
 from medsegdiff_core.training import fit  # noqa: E402
 from server.local_simulation import run_local  # noqa: E402
@@ -71,6 +71,42 @@ def train_central(config, folders: list[Path], steps: int, out: Path) -> Path:
     return fit(parse_config(overrides), progress=False, log=lambda _: None).checkpoint
 
 
+def builtin_tests(workdir: Path, config) -> tuple[list[Path], list[SegmentationFolder]]:
+    """The built-in sites the simulated clients use (written once under ``workdir``) and their
+    test splits at the model's resolution."""
+    sites = builtin_sites(workdir, SITES)
+    size = config.unet_spec().image_size
+    channels = config.data.image_channels
+    tests = [
+        SegmentationFolder(s / "test", config.data.classes, size, in_channels=channels)
+        for s in sites
+    ]
+    return sites, tests
+
+
+def run_federated(workdir: Path, name: str, experiment: str, overrides: str) -> Path:
+    """One ``flwr run . local`` simulation of the built-in sites named ``name``; its run folder.
+
+    The run reads the built-in sites already under ``workdir`` (linked, not written again)."""
+    run_workdir = workdir / name
+    link = run_workdir / "data" / f"synthetic-{SITES}"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(workdir / "data" / f"synthetic-{SITES}", target_is_directory=True)
+    code = run_local(
+        workdir / f"flwr-home-{name}",
+        num_supernodes=SITES,
+        run_config={
+            "workdir": str(run_workdir),
+            "experiment": experiment,
+            "overrides": f"name={name} federation.release_name={name} {overrides}",
+        },
+    )
+    if code != 0:
+        sys.exit(f"{name}: federated run failed with exit code {code}")
+    return run_workdir / "runs" / name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="configs/federated-tiny.yaml")
@@ -83,16 +119,7 @@ def main() -> None:
 
     config = load_config(ROOT / args.experiment)
     workdir = args.work.resolve()
-    # The same built-in sites the simulated clients use (deterministic, so written once).
-    data_root = workdir / "data" / f"synthetic-{SITES}"
-    if not (data_root / ".complete").exists():
-        write_fundus_sites(data_root, num_sites=SITES)
-        (data_root / ".complete").touch()
-    sites = [data_root / f"site-{k}" for k in range(SITES)]
-    size = config.unet_spec().image_size
-    tests = [
-        SegmentationFolder(s / "test", config.data.classes, size, in_channels=3) for s in sites
-    ]
+    sites, tests = builtin_tests(workdir, config)
     per_site_steps = args.rounds * args.local_steps
     print(
         f"bench/federated: {args.experiment}, {SITES} sites, {args.rounds} rounds x "
@@ -117,26 +144,13 @@ def main() -> None:
         }
 
     for strategy in ("fedavg", "fedprox"):
-        run_workdir = workdir / strategy
         overrides = (
-            f"name=bench-{strategy} federation.strategy={strategy} "
+            f"federation.strategy={strategy} "
             f"federation.rounds={args.rounds} federation.local_steps={args.local_steps} "
-            f"federation.proximal_mu={args.proximal_mu} federation.evaluate_every={args.rounds} "
-            f"federation.release_name=bench-{strategy}"
+            f"federation.proximal_mu={args.proximal_mu} federation.evaluate_every={args.rounds}"
         )
         start = time.monotonic()
-        code = run_local(
-            workdir / f"flwr-home-{strategy}",
-            num_supernodes=SITES,
-            run_config={
-                "workdir": str(run_workdir),
-                "experiment": args.experiment,
-                "overrides": overrides,
-            },
-        )
-        if code != 0:
-            sys.exit(f"{strategy} run failed with exit code {code}")
-        run_dir = run_workdir / "runs" / f"bench-{strategy}"
+        run_dir = run_federated(workdir, f"bench-{strategy}", args.experiment, overrides)
         history = json.loads((run_dir / "state.json").read_text())["history"]
         results[strategy] = {
             "dice": score(run_dir / "final" / "model.json", tests, config),

@@ -209,23 +209,12 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def utility(args: argparse.Namespace) -> dict[str, Any]:
-    from medsegdiff_core.checkpoint import load_checkpoint
-    from medsegdiff_core.data import SegmentationFolder
-    from medsegdiff_core.data.synthetic import write_fundus_sites
-    from medsegdiff_core.inference import evaluate_dataset
-    from server.local_simulation import run_local
+    sys.path.insert(0, str(ROOT / "bench"))
+    from federated import builtin_tests, run_federated, score
 
     config = load_config(ROOT / args.experiment)
     workdir = args.work.resolve()
-    data_root = workdir / "data" / f"synthetic-{SITES}"
-    if not (data_root / ".complete").exists():
-        write_fundus_sites(data_root, num_sites=SITES)
-        (data_root / ".complete").touch()
-    size = config.unet_spec().image_size
-    tests = [
-        SegmentationFolder(data_root / f"site-{k}" / "test", config.data.classes, size)
-        for k in range(SITES)
-    ]
+    _, tests = builtin_tests(workdir, config)
     print(
         f"bench/privacy utility: {args.experiment}, {SITES} sites, {args.rounds} rounds x "
         f"{args.local_steps} local steps",
@@ -236,44 +225,15 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
         arms[f"epsilon {epsilon}"] = f"privacy.enabled=true privacy.target_epsilon={epsilon}"
     results: dict[str, Any] = {}
     for index, (name, privacy) in enumerate(arms.items()):
-        run_workdir = workdir / f"arm-{index}"
-        # Every arm reads the same built-in sites (written once, deterministic).
-        (run_workdir / "data").mkdir(parents=True, exist_ok=True)
-        link = run_workdir / "data" / f"synthetic-{SITES}"
-        if not link.exists():
-            link.symlink_to(data_root, target_is_directory=True)
         overrides = (
-            f"name=bench-privacy-{index} federation.rounds={args.rounds} "
-            f"federation.local_steps={args.local_steps} federation.evaluate_every={args.rounds} "
-            f"federation.release_name=bench-privacy-{index} {privacy}"
+            f"federation.rounds={args.rounds} federation.local_steps={args.local_steps} "
+            f"federation.evaluate_every={args.rounds} {privacy}"
         )
         start = time.monotonic()
-        code = run_local(
-            workdir / f"flwr-home-{index}",
-            num_supernodes=SITES,
-            run_config={
-                "workdir": str(run_workdir),
-                "experiment": args.experiment,
-                "overrides": overrides,
-            },
-        )
-        if code != 0:
-            sys.exit(f"{name}: federated run failed with exit code {code}")
-        run_dir = run_workdir / "runs" / f"bench-privacy-{index}"
-        loaded = load_checkpoint(run_dir / "final" / "model.json")
-        dice = {}
-        for k, test in enumerate(tests):
-            _, summary = evaluate_dataset(
-                loaded.model,
-                loaded.diffusion.noise_schedule(),
-                test,
-                config.inference,
-                list(config.data.classes),
-                device=torch.device("cpu"),
-            )
-            dice[f"site-{k}"] = summary["mean"]["dice"]
-        dice["mean"] = statistics.fmean(dice.values())
-        card = json.loads(next((run_workdir / "releases").glob("*/model-card.json")).read_text())
+        run_dir = run_federated(workdir, f"bench-privacy-{index}", args.experiment, overrides)
+        dice = score(run_dir / "final" / "model.json", tests, config)
+        card_path = next((run_dir.parents[1] / "releases").glob("*/model-card.json"))
+        card = json.loads(card_path.read_text())
         epsilons = {site: entry.get("epsilon") for site, entry in card["privacy"]["sites"].items()}
         results[name] = {"dice": dice, "epsilon": epsilons, "seconds": time.monotonic() - start}
         print(f"{name}: Dice {dice['mean']:.4f}  epsilon per site {epsilons}", flush=True)
