@@ -420,21 +420,26 @@ class SegmentationFolder(Dataset):
         augment: bool = False,
         seed: int = 0,
     ) -> None:
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        _class_labels(classes)
+        self._settings(classes, image_size, augment=augment, seed=seed)
         self.folder = Path(folder)
-        self.classes = {name: list(values) for name, values in classes.items()}
-        self.image_size = image_size
         self.in_channels = in_channels
-        self.augment = augment
         self.cases = find_cases(self.folder, require_masks=require_masks)
-        self._generator = torch.Generator().manual_seed(seed)
-
         self._hold(
             (*_load_case(case, self.classes, in_channels), str(case.mask_path))
             for case in self.cases
         )
+
+    def _settings(
+        self, classes: Mapping[str, Sequence[int]], image_size: int, *, augment: bool, seed: int
+    ) -> None:
+        """Check and keep the settings every dataset of this family shares."""
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        _class_labels(classes)
+        self.classes = {name: list(values) for name, values in classes.items()}
+        self.image_size = image_size
+        self.augment = augment
+        self._generator = torch.Generator().manual_seed(seed)
 
     def _hold(
         self,

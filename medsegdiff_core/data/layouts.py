@@ -36,13 +36,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, DataError
 from .folder import (
     IMAGE_SUFFIXES,
     SegmentationFolder,
-    _class_labels,
     labels_to_channels,
     read_image,
     read_label_map,
@@ -451,19 +449,13 @@ class PlanarDataset(SegmentationFolder):
         seed: int = 0,
         skip: Collection[str] = (),
     ) -> None:
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
         if layout_spec(layout).kind != "planar":
             raise ConfigError(f"data.layout: {layout} is not a 2-D layout")
-        _class_labels(classes)
+        self._settings(classes, image_size, augment=augment, seed=seed)
         self.folder = Path(folder)
         self.layout = layout
-        self.classes = {name: list(values) for name, values in classes.items()}
-        self.image_size = image_size
         self.in_channels = in_channels
-        self.augment = augment
         self.cases = find_layout_cases(self.folder, layout, require_masks=require_masks, skip=skip)
-        self._generator = torch.Generator().manual_seed(seed)
         self._hold(
             (*load_planar_case(case, layout, self.classes, in_channels), str(case.mask_path))
             for case in self.cases
@@ -542,13 +534,7 @@ class SliceDataset(SegmentationFolder):
         augment: bool = False,
         seed: int = 0,
     ) -> None:
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        _class_labels(classes)
-        self.classes = {name: list(values) for name, values in classes.items()}
-        self.image_size = image_size
-        self.augment = augment
-        self._generator = torch.Generator().manual_seed(seed)
+        self._settings(classes, image_size, augment=augment, seed=seed)
         self.volume_cases: dict[str, _VolumeCase] = {}
         self.cases: list[LayoutCase] = []  # one entry per item (slice), for API parity
         self._slice_index: list[int] = []
