@@ -11,7 +11,7 @@
   (noise chosen by Opacus for the plan), same rounds and local steps.
 
 Run: python bench/privacy.py [--part overhead|utility|all] [--preset small --size 64 --batch 8]
-     [--modes hooks,functorch,ghost] [--rounds 10 --local-steps 50] [--json runs/x.json]
+     [--modes vmap,hooks,functorch,ghost] [--rounds 25 --local-steps 16] [--json runs/x.json]
 """
 
 from __future__ import annotations
@@ -230,7 +230,9 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
             f"federation.evaluate_every={args.rounds} {privacy}"
         )
         start = time.monotonic()
-        run_dir = run_federated(workdir, f"bench-privacy-{index}", args.experiment, overrides)
+        run_dir = run_federated(
+            workdir, f"bench-privacy-{index}", args.experiment, overrides, side_by_side=True
+        )
         dice = score(run_dir / "final" / "model.json", tests, config)
         card_path = next((run_dir.parents[1] / "releases").glob("*/model-card.json"))
         card = json.loads(card_path.read_text())
@@ -252,15 +254,16 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--modes", default="hooks,functorch,ghost")
+    parser.add_argument("--modes", default="vmap,hooks,functorch,ghost")
     parser.add_argument("--iters", type=int, default=2, help="timed steps per arm and repeat")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved passes over arms")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--experiment", default="configs/federated-fundus.yaml")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=50)
+    parser.add_argument("--experiment", default="configs/federated-tiny.yaml")
+    # The federated benchmark's settings (bench/federated.py), so "no DP" repeats its FedAvg arm.
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--local-steps", type=int, default=16)
     parser.add_argument("--epsilons", default="8,3")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-privacy")
     parser.add_argument("--json", type=Path)

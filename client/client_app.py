@@ -34,7 +34,7 @@ from medsegdiff_core.training import (
     train_steps,
 )
 
-from . import telemetry
+from . import optimizer_state, telemetry
 from .privacy_state import privacy_record, site_ledger, with_site_privacy
 from .site import Site
 
@@ -65,6 +65,27 @@ def _reply(
     return Message(content=content, reply_to=msg)
 
 
+def _optimizer(
+    msg: Message, site: Site, model: MedSegDiffUNet, server_round: int
+) -> tuple[torch.optim.Optimizer, str | None]:
+    """The site's AdamW, with its moments from the site's last round of this run when the run
+    keeps them (``federation.keep_optimizer_state``; the server names the run with a uid)."""
+    config = site.config
+    optimizer = make_optimizer(model, config.train.lr, config.train.weight_decay)
+    run_uid = msg.content["config"].get("run-uid")
+    if not config.federation.keep_optimizer_state or not run_uid:
+        return optimizer, None
+    optimizer_state.restore(optimizer, site.state_dir, str(run_uid), server_round)
+    return optimizer, str(run_uid)
+
+
+def _keep_optimizer(
+    optimizer: torch.optim.Optimizer, site: Site, run_uid: str | None, server_round: int
+) -> None:
+    if run_uid is not None:
+        optimizer_state.save(optimizer, site.state_dir, run_uid, server_round)
+
+
 def _proximal(model: MedSegDiffUNet, mu: float) -> ProximalTerm | None:
     """FedProx pulls local weights towards the round's global weights."""
     if mu <= 0:
@@ -91,18 +112,19 @@ def train(msg: Message, context: Context) -> Message:
     batches = random_batches(
         data, config.train.batch_size, seed=site.seed(server_round, "batches"), device=site.device
     )
-    proximal = _proximal(model, mu)
+    optimizer, run_uid = _optimizer(msg, site, model, server_round)
     stats = train_steps(
         model,
         config.diffusion.noise_schedule(),
         batches,
-        make_optimizer(model, config.train.lr, config.train.weight_decay),
+        optimizer,
         config.federation.local_steps,
         grad_clip=config.train.grad_clip,
-        proximal=proximal,
+        proximal=_proximal(model, mu),
         amp_dtype=autocast_dtype(site.device, config.train.amp),
         snr_gamma=config.diffusion.snr_gamma,
     )
+    _keep_optimizer(optimizer, site, run_uid, server_round)
     metrics = {
         "num-examples": len(data),
         "train-loss": stats.loss,
@@ -156,12 +178,13 @@ def _train_private(
     torch.manual_seed(secret_seed())
     if hasattr(data, "reseed"):
         data.reseed(secret_seed())
+    optimizer, run_uid = _optimizer(msg, site, model, server_round)
     stats = dp_train_steps(
         model,
         config.diffusion.noise_schedule(),
         data,
         plan,
-        make_optimizer(model, config.train.lr, config.train.weight_decay),
+        optimizer,
         grad_sample_mode=privacy.grad_sample_mode,
         proximal=_proximal(model, mu),
         amp_dtype=autocast_dtype(site.device, config.train.amp),
@@ -170,6 +193,7 @@ def _train_private(
         noise_generator=secret_generator(site.device),
     )
     ledger.complete(decision.entry, stats.history)
+    _keep_optimizer(optimizer, site, run_uid, server_round)
     epsilon = ledger.epsilon(plan.delta)
     log(
         INFO,

@@ -75,6 +75,40 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state (e.g. AdamW's step and moments) as flat tensors
+    ``"<param index>.<name>"``, for safetensors. Hyper-parameters are not included: they come
+    from the config that rebuilds the optimizer."""
+    tensors = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"{index}.{name}"] = torch.as_tensor(value)
+    return tensors
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], *, source: str | Path
+) -> None:
+    """Restore :func:`optimizer_tensors` into an optimizer built for the same parameters.
+
+    Raises CheckpointError naming ``source`` if the state belongs to other parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or not name or int(index) >= len(params):
+            raise CheckpointError(f"{source}: optimizer state entry {key!r} fits no parameter")
+        param = params[int(index)]
+        if value.dim() > 0 and value.shape != param.shape:
+            raise CheckpointError(
+                f"{source}: optimizer state {key!r} has shape {tuple(value.shape)}, "
+                f"the parameter has {tuple(param.shape)}"
+            )
+        state.setdefault(int(index), {})[name] = value.to(param.device)
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
 def save_checkpoint(
     path: str | Path,
     model: MedSegDiffUNet,

@@ -150,6 +150,18 @@ class FederationConfig(_Section):
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx mu (strategy fedprox)")
     local_steps: int = Field(50, ge=1, description="optimizer steps per site per round")
+    keep_optimizer_state: bool = Field(
+        True, description="each site keeps its AdamW moments from round to round (on its disk)"
+    )
+    server_momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="server momentum on the averaged update (FedAvgM, Hsu et al. 2019); 0 = off",
+    )
+    server_lr: float = Field(
+        1.0, gt=0, description="server step size on the averaged update (1 = plain averaging)"
+    )
     min_sites: int = Field(2, ge=1, description="fewest sites whose updates make a round")
     min_available_sites: int = Field(2, ge=1, description="sites that must be connected")
     fraction_train: float = Field(1.0, gt=0, le=1)
@@ -191,8 +203,8 @@ class PrivacyConfig(_Section):
     planned_rounds: int | None = Field(
         None, ge=1, description="rounds the noise is calibrated for (default federation.rounds)"
     )
-    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = Field(
-        "hooks", description="how Opacus computes per-sample gradients (see bench/privacy.py)"
+    grad_sample_mode: Literal["vmap", "hooks", "functorch", "ghost"] = Field(
+        "vmap", description="how per-sample gradients are computed (see bench/privacy.py)"
     )
     central: bool = Field(
         False, description="server: central DP on the aggregate (Flower, fixed clipping)"

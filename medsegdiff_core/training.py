@@ -125,15 +125,30 @@ def batch_loss(
     *,
     reduction: str = "mean",
     snr_gamma: float | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    weights: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """The diffusion loss of one batch: noise the mask (scaled to [-1, 1]), predict the noise."""
+    """The diffusion loss of one batch: noise the mask (scaled to [-1, 1]), predict the noise.
+
+    ``t`` and ``noise`` are drawn when omitted (see :func:`diffusion_loss`). ``weights`` runs the
+    network with these parameters and buffers instead of its own
+    (``torch.func.functional_call``), which per-sample gradients with ``vmap`` need."""
     image = batch["image"]
     x0 = batch["mask"] * 2.0 - 1.0
+
+    def forward(x_t: Tensor, timesteps: Tensor) -> Tensor:
+        if weights is None:
+            return model(x_t, timesteps, image)
+        return torch.func.functional_call(model, weights, (x_t, timesteps, image))
+
     return diffusion_loss(
-        lambda x_t, t: model(x_t, t, image),
+        forward,
         x0,
         schedule,
         learn_sigma=model.spec.learn_sigma,
+        t=t,
+        noise=noise,
         reduction=reduction,
         snr_gamma=snr_gamma,
     )

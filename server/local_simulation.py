@@ -23,14 +23,26 @@ from pathlib import Path
 APP_ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_flower_config(flwr_home: Path, num_supernodes: int) -> None:
-    """A Flower config whose default connection is a local simulation of N SuperNodes."""
+def write_flower_config(
+    flwr_home: Path, num_supernodes: int, *, side_by_side: bool = False
+) -> None:
+    """A Flower config whose default connection is a local simulation of N SuperNodes.
+
+    By default Flower gives each simulated site 2 CPUs, so on a small machine the sites train
+    one after another. ``side_by_side`` gives each site one CPU (one torch thread) and tells Ray
+    there is a CPU per site, so all sites train at once, as separate hospitals would."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
+    text = (
         '[superlink]\ndefault = "local"\n\n'
         '[superlink.local]\naddress = ":local:"\n\n'
         f"[superlink.local.options]\nnum-supernodes = {num_supernodes}\n"
     )
+    if side_by_side:
+        text += (
+            "\n[superlink.local.options.backend.client-resources]\nnum-cpus = 1\n"
+            f"\n[superlink.local.options.backend.init-args]\nnum-cpus = {num_supernodes}\n"
+        )
+    (flwr_home / "config.toml").write_text(text)
 
 
 def _toml_value(value: object) -> str:
@@ -94,10 +106,11 @@ def run_local(
     run_config: Mapping[str, object],
     timeout_s: float = 3600,
     extra_args: Sequence[str] = (),
+    side_by_side: bool = False,
 ) -> int:
     """``flwr run . local --stream`` from the app root; always stops the SuperLink after."""
     flwr_home = Path(flwr_home).resolve()
-    write_flower_config(flwr_home, num_supernodes)
+    write_flower_config(flwr_home, num_supernodes, side_by_side=side_by_side)
     # The app's dependencies (torch among them) are installed in this environment already; by
     # default Flower would resolve and install them again into a fresh one for every run.
     env = dict(

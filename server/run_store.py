@@ -4,6 +4,7 @@ Layout of ``<workdir>/runs/<experiment name>/``::
 
     round-0003.{safetensors,json}   the global model after round 3, a full checkpoint (the
                              last ``keep`` rounds are kept; any can be released on demand)
+    momentum-0003.safetensors   the server's momentum after round 3 (when it uses momentum)
     state.json               completed round, metric history, config digest — the commit point
     final/model.{safetensors,json}   the final model as a checkpoint, when the run is done
 
@@ -17,13 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medsegdiff_core.checkpoint import atomic_write_bytes, load_tensors, save_checkpoint
+from medsegdiff_core.checkpoint import (
+    atomic_write_bytes,
+    load_tensors,
+    save_checkpoint,
+    save_tensors,
+)
 from medsegdiff_core.config import ExperimentConfig
 from medsegdiff_core.errors import CheckpointError
 from medsegdiff_core.model import MedSegDiffUNet
@@ -42,6 +49,10 @@ def config_digest(config: ExperimentConfig) -> str:
 class RunState:
     completed_round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Names this run for the sites (their kept optimizer state) across server restarts.
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The server's momentum after ``completed_round`` (empty without momentum).
+    velocity: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class RunStore:
@@ -60,6 +71,9 @@ class RunStore:
     def weights_path(self, server_round: int) -> Path:
         return self.directory / f"round-{server_round:04d}.safetensors"
 
+    def momentum_path(self, server_round: int) -> Path:
+        return self.directory / f"momentum-{server_round:04d}.safetensors"
+
     def load(self) -> tuple[RunState, dict[str, torch.Tensor] | None]:
         """The last completed round and its weights, or a fresh state if nothing was saved."""
         if not self.state_path.exists():
@@ -74,12 +88,25 @@ class RunStore:
                 "config; give the experiment another name or move the directory away"
             )
         state = RunState(saved["completed_round"], saved["history"])
+        state.uid = saved.get("uid") or state.uid
+        if self.momentum_path(state.completed_round).exists():
+            state.velocity = load_tensors(self.momentum_path(state.completed_round))
         weights = load_tensors(self.weights_path(state.completed_round))
         return state, weights
 
-    def save_round(self, state: RunState, model: MedSegDiffUNet, record: dict[str, Any]) -> None:
-        """Persist the model after ``record['round']`` as a checkpoint, then commit the state."""
+    def save_round(
+        self,
+        state: RunState,
+        model: MedSegDiffUNet,
+        record: dict[str, Any],
+        velocity: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Persist the model (and the server momentum) after ``record['round']``, then commit
+        the state."""
         server_round = int(record["round"])
+        if velocity:
+            save_tensors(self.momentum_path(server_round), velocity)
+            state.velocity = velocity
         save_checkpoint(
             self.weights_path(server_round),
             model,
@@ -97,9 +124,12 @@ class RunStore:
         payload = {
             "config_digest": self.digest,
             "completed_round": state.completed_round,
+            "uid": state.uid,
             "history": state.history,
         }
         atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())
         for old in sorted(self.directory.glob("round-*.safetensors"))[: -self.keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+        for old in sorted(self.directory.glob("momentum-*.safetensors"))[: -self.keep]:
+            old.unlink(missing_ok=True)

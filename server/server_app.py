@@ -38,6 +38,7 @@ from medsegdiff_core.release import (
 from medsegdiff_core.training import seed_everything
 
 from .run_store import RunState, RunStore
+from .server_momentum import ServerMomentum
 from .validation import screen_updates, site_name
 
 APP_ROOT = Path(__file__).resolve().parents[1]
@@ -132,9 +133,12 @@ def run_round(
     strategy: Strategy,
     arrays: ArrayRecord,
     config: ExperimentConfig,
+    *,
+    momentum: ServerMomentum,
+    run_uid: str,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
-    """Train on the sites, screen and average their updates, evaluate; return new weights and
-    the round's record for the history.
+    """Train on the sites, screen and average their updates, apply the server momentum,
+    evaluate; return new weights and the round's record for the history.
 
     A site whose privacy budget would be exceeded declines: it is logged by name, left out
     without counting as a rejected update, and the round goes on with the others."""
@@ -143,10 +147,13 @@ def run_round(
     start = time.monotonic()
     replies = list(
         grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+            strategy.configure_train(
+                server_round, arrays, ConfigRecord({"run-uid": run_uid}), grid
+            ),
             timeout=fed.round_timeout_s,
         )
     )
+    replies_s = time.monotonic() - start
     declined = sorted((m for m in replies if _declined(m)), key=site_name)
     for msg in declined:
         log(
@@ -190,7 +197,8 @@ def run_round(
             record["central_dp"] = {"sites": len(screening.accepted)}
         with _uniform_weights(screening.accepted, enabled=central):
             new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
-        arrays = new_arrays if new_arrays is not None else arrays
+        if new_arrays is not None:
+            arrays = momentum.step(arrays, new_arrays)
         # Flower's weighted average drops the weighting key; the total is worth keeping.
         record["train"] = dict(train_metrics or {}) | {
             "num-examples": sum(
@@ -202,6 +210,7 @@ def run_round(
     slowest = max((m.get("train-seconds", 0.0) for m in site_train.values()), default=0.0)
     record["site_train"] = site_train
     record["train_wall_s"] = train_wall
+    record["train_replies_s"] = replies_s  # the rest of train_wall is screening and averaging
     record["round_overhead"] = train_wall / slowest if slowest > 0 else None
     record["update_bytes"] = sum(m.content["arrays"].count_bytes() for m in screening.accepted)
     record["model_bytes"] = arrays.count_bytes()
@@ -287,6 +296,9 @@ def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet)
         "training": {
             "strategy": fed.strategy,
             "proximal_mu": fed.proximal_mu if fed.strategy == "fedprox" else None,
+            "server_momentum": fed.server_momentum,
+            "server_lr": fed.server_lr,
+            "sites_keep_optimizer_state": fed.keep_optimizer_state,
             "rounds": state.completed_round,
             "local_steps": fed.local_steps,
             "batch_size": config.train.batch_size,
@@ -414,10 +426,14 @@ def main(grid: Grid, context: Context) -> None:
             store.directory,
         )
     strategy = make_strategy(config)
-    for server_round in range(state.completed_round + 1, config.federation.rounds + 1):
-        log(INFO, "[ROUND %d/%d]", server_round, config.federation.rounds)
-        arrays, record = run_round(server_round, grid, strategy, arrays, config)
-        store.save_round(state, model_from(arrays, config), record)
+    fed = config.federation
+    momentum = ServerMomentum(fed.server_momentum, fed.server_lr, state.velocity)
+    for server_round in range(state.completed_round + 1, fed.rounds + 1):
+        log(INFO, "[ROUND %d/%d]", server_round, fed.rounds)
+        arrays, record = run_round(
+            server_round, grid, strategy, arrays, config, momentum=momentum, run_uid=state.uid
+        )
+        store.save_round(state, model_from(arrays, config), record, momentum.velocity)
         log(
             INFO,
             "round %d: train %s, evaluate %s",

@@ -193,8 +193,10 @@ run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
 """
 
 
-def start_simulation(workdir: Path, *, rounds: int, poison: bool = False) -> subprocess.Popen:
-    overrides = OVERRIDES.replace("federation.rounds=2", f"federation.rounds={rounds}")
+def start_simulation(
+    workdir: Path, *, rounds: int, poison: bool = False, extra: str = ""
+) -> subprocess.Popen:
+    overrides = OVERRIDES.replace("federation.rounds=2", f"federation.rounds={rounds}") + extra
     script = workdir.parent / f"{workdir.name}-sim.py"
     script.write_text(SIMULATION.format(workdir=str(workdir), overrides=overrides, poison=poison))
     return subprocess.Popen(
@@ -220,11 +222,14 @@ def kill_group(process: subprocess.Popen) -> None:
 
 
 def test_resume_after_server_killed_mid_run(tmp_path: Path) -> None:
+    # What must survive the crash: the weights, the server's momentum and each site's AdamW
+    # moments (kept by default), all from the last committed round.
+    momentum = " federation.server_momentum=0.5"
     reference = tmp_path / "uninterrupted"
-    finish(start_simulation(reference, rounds=3))
+    finish(start_simulation(reference, rounds=3, extra=momentum))
 
     crashed = tmp_path / "crashed"
-    process = start_simulation(crashed, rounds=3)
+    process = start_simulation(crashed, rounds=3, extra=momentum)
     state_path = crashed / "runs" / "federated-tiny" / "state.json"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -235,8 +240,12 @@ def test_resume_after_server_killed_mid_run(tmp_path: Path) -> None:
     killed_after = json.loads(state_path.read_text())["completed_round"]
     assert killed_after < 3
 
-    output = finish(start_simulation(crashed, rounds=3))
+    output = finish(start_simulation(crashed, rounds=3, extra=momentum))
     assert f"resuming federated-tiny after round {killed_after}" in output
+    assert (crashed / "runs" / "federated-tiny" / "momentum-0003.safetensors").is_file()
+    uid = json.loads(state_path.read_text())["uid"]
+    kept = crashed / "sites" / "site-0" / "optimizer" / uid / "round-0003.safetensors"
+    assert kept.is_file()
     state = json.loads(state_path.read_text())
     assert [r["round"] for r in state["history"]] == [1, 2, 3]
     expected = load_file(str(reference / "runs" / "federated-tiny" / "round-0003.safetensors"))

@@ -166,7 +166,7 @@ def _toy_data(n: int, size: int = 32) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["vmap", "functorch", "hooks", "ghost"])
 def test_dp_step_is_the_mean_of_clipped_per_sample_gradients(mode: str) -> None:
     """No noise, every slice sampled: the DP update is -lr * mean_i clip_C(grad_i), where each
     grad_i is computed alone by plain autograd. So Opacus changes nothing the model computes."""
