@@ -21,12 +21,14 @@ a model with BatchNorm is refused, since swapping it would change what the model
 
 Per-sample gradients (``privacy.grad_sample_mode``) come by default from one ``torch.func``
 ``vmap`` over the whole network of the gradient of one slice's loss (``vmap``); Opacus' DP
-optimiser then clips, adds noise and accounts, as in its own modes. On our 2-core CPU it was
-the fastest mode (``bench/privacy.py``): a DP step cost 1.4x a plain step for the small preset at
-64 px, against 1.9x with Opacus' ``hooks`` (per-layer samplers that unfold every convolution's
-input, and a Python hook per layer) and 2.3x with ``functorch`` (Opacus' per-layer vmap); on the
-tiny preset 1.8x against 2.1x. It needs more memory than ``hooks`` (every slice's activations
-for the backward at once). ``ghost`` clipping gains nothing here, since Opacus 1.6 has ghost
+optimiser then clips, adds noise and accounts, as in its own modes. On our 2-core CPU it was the
+fastest mode (``bench/privacy.py``): a DP step cost 1.46x a plain step for the small preset at
+64 px, against 1.81x with Opacus' ``hooks`` (per-layer samplers that unfold every convolution's
+input, and a Python hook per layer) and 2.21x with ``functorch`` (Opacus' per-layer vmap); on
+the tiny preset 1.91x against 2.22x. It needs more memory than ``hooks`` (every slice's
+activations for the backward at once). With ``model.learn_sigma``, torch 2.13 has no batching
+rule for the variational bound's ``log_ndtr`` and loops over that one op (same result, a
+warning, a little slower). ``ghost`` clipping gains nothing here, since Opacus 1.6 has ghost
 norms only for Linear and Embedding layers and a conv network falls back to full per-sample
 gradients plus a second backward pass; ``ew`` (expanded weights) fails on the FF-Parser. All
 offered modes give the same clipped gradients (tested against per-slice autograd).
