@@ -21,6 +21,10 @@ models alternating (and alternating which goes first) so that background load hi
    path, ``sample_members`` with ``--sampling-steps`` DPM-Solver++ steps, members batched, always
    timed in full.
 
+Inference (2 and 3) runs each side's default precision: the peer float32; ours bf16 autocast
+where the product uses it (a CPU with native bf16, see ``autocast_dtype``), else float32.
+``--fp32`` runs ours in float32 too. Training (1) is float32 on both sides.
+
 Run ``python bench/peer_speed.py --help`` for the options; ``bench/README.md`` explains the output.
 """
 
@@ -51,7 +55,7 @@ from medsegdiff_core.config import DiffusionConfig, InferenceConfig  # noqa: E40
 from medsegdiff_core.diffusion import NoiseSchedule  # noqa: E402
 from medsegdiff_core.ensemble import sample_members  # noqa: E402
 from medsegdiff_core.model import MedSegDiffUNet, resolve_spec  # noqa: E402
-from medsegdiff_core.training import batch_loss, make_optimizer  # noqa: E402
+from medsegdiff_core.training import autocast_dtype, batch_loss, make_optimizer  # noqa: E402
 
 PEER_PACKAGE = "med-seg-diff-pytorch==0.3.3"
 PEER_MODULE = "med_seg_diff_pytorch.med_seg_diff_pytorch"
@@ -227,7 +231,8 @@ def bench_denoise(
             peer_unet(members[j : j + 1], peer_time, image)
 
     def ours_step() -> None:
-        model.denoise(members, ours_time, features)
+        with torch.autocast("cpu", dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+            model.denoise(members, ours_time, features)
 
     peer_t, ours_t = alternate(peer_step, ours_step, args.iters, args.warmup)
     encode_t = Timing([timed(lambda: model.encode_image(image)) for _ in range(args.iters)])
@@ -265,7 +270,7 @@ def bench_ensemble(
     total_steps = num_timesteps * args.ensemble
 
     def ours_run() -> None:
-        sample_members(model, schedule, image, cfg, generator=gen)
+        sample_members(model, schedule, image, cfg, generator=gen, amp_dtype=args.amp_dtype)
 
     if args.full_peer:
         ours_t = Timing()
@@ -336,8 +341,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fp32", action="store_true", help="our inference in float32 even where bf16 is default"
+    )
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write all figures")
     args = p.parse_args(argv)
+    default = autocast_dtype(torch.device("cpu"), True, inference=True)
+    args.amp_dtype = None if args.fp32 else default
     for name in ("width", "size", "batch", "mask_channels", "image_channels", "iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -373,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.iters} iterations after {args.warmup} warm-up"
     )
     print(f"parameters: peer {peer_params:,}  ours {ours_params:,} (preset {args.preset!r})")
+    precision = "bfloat16 autocast" if args.amp_dtype is not None else "float32"
+    print(f"inference precision: peer float32, ours {precision}")
 
     started = time.perf_counter()
     train_peer, train_ours = bench_train(peer_diffusion, model, schedule, args)
@@ -427,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json is not None:
         report = {
-            "config": {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()},
+            "config": {
+                k_: (str(v) if isinstance(v, Path | torch.dtype) else v)
+                for k_, v in vars(args).items()
+            },
             "environment": {
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),

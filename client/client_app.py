@@ -244,7 +244,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         cfg,
         list(config.data.classes),
         device=site.device,
-        amp_dtype=autocast_dtype(site.device, config.train.amp),
+        amp_dtype=autocast_dtype(site.device, config.train.amp, inference=True),
     )
     metrics: dict[str, float | int] = {
         "num-examples": len(data),

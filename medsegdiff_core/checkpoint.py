@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import DiffusionConfig, InferenceConfig
+from .config import DiffusionConfig, ExperimentConfig, InferenceConfig
 from .errors import CheckpointError
 from .model import MedSegDiffUNet, UNetSpec
 
@@ -140,6 +140,28 @@ def save_checkpoint(
     json_path = weights.with_suffix(".json")
     atomic_write_bytes(json_path, json.dumps(sidecar, indent=2).encode())
     return json_path
+
+
+def save_experiment_checkpoint(
+    path: str | Path,
+    model: MedSegDiffUNet,
+    config: ExperimentConfig,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **metadata: Any,
+) -> Path:
+    """:func:`save_checkpoint` with an experiment's diffusion, classes and inference settings;
+    the metadata names the experiment and preset, plus ``metadata`` (e.g. ``step=`` or
+    ``round=``)."""
+    return save_checkpoint(
+        path,
+        model,
+        diffusion=config.diffusion,
+        classes=config.data.classes,
+        inference=config.inference,
+        metadata={"experiment": config.name, "preset": config.model.preset} | metadata,
+        state_dict=state_dict,
+    )
 
 
 def _sidecar_path(path: Path) -> Path:

@@ -165,7 +165,7 @@ def _run_predict(args: argparse.Namespace, *, require_masks: bool) -> None:
         layout=args.layout,
         require_masks=require_masks,  # every case read and checked before any sampling
         device=device,
-        amp_dtype=autocast_dtype(device, True),
+        amp_dtype=autocast_dtype(device, True, inference=True),
         progress=not args.quiet,
     )
     print(

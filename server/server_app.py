@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from medsegdiff_core.checkpoint import save_checkpoint
+from medsegdiff_core.checkpoint import save_experiment_checkpoint
 from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.privacy import epsilon_of
@@ -243,17 +243,8 @@ def publish_release(
 ) -> Path:
     """Save the final model as a checkpoint and package it as a signed, versioned release."""
     model = model_from(arrays, config)
-    checkpoint = save_checkpoint(
-        store.directory / "final" / "model",
-        model,
-        diffusion=config.diffusion,
-        classes=config.data.classes,
-        inference=config.inference,
-        metadata={
-            "experiment": config.name,
-            "preset": config.model.preset,
-            "rounds": state.completed_round,
-        },
+    checkpoint = save_experiment_checkpoint(
+        store.directory / "final" / "model", model, config, rounds=state.completed_round
     )
     key_path = workdir / "keys" / "release-signing.pem"
     if not key_path.exists():

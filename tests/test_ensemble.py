@@ -79,3 +79,16 @@ def test_seeded_inference_is_reproducible(model: MedSegDiffUNet) -> None:
     a = sample_members(model, SCHEDULE, images, cfg, generator=torch.Generator().manual_seed(3))
     b = sample_members(model, SCHEDULE, images, cfg, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_bf16_autocast_policy() -> None:
+    """bf16 on CUDA always; on a CPU for inference only, and only with native bf16."""
+    from medsegdiff_core.training import autocast_dtype, cpu_computes_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cuda, True) is torch.bfloat16
+    assert autocast_dtype(cuda, False) is None
+    assert autocast_dtype(cpu, True) is None  # CPU training stays float32
+    native = torch.bfloat16 if cpu_computes_bf16() else None
+    assert autocast_dtype(cpu, True, inference=True) is native
+    assert autocast_dtype(cpu, False, inference=True) is None
