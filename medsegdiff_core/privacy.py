@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import atomic_write_bytes
 from .config import PrivacyConfig
-from .diffusion import NoiseSchedule
+from .diffusion import NoiseSchedule, draw_timesteps_and_noise
 from .errors import ConfigError, MedSegDiffError
 from .training import Batch, ProximalTerm, batch_loss
 
@@ -453,11 +453,10 @@ def set_per_sample_gradients(
     Opacus' DP optimiser clips), computed in one go with ``torch.func``: ``vmap`` over the batch
     of the gradient of one slice's loss. Returns the per-sample losses.
 
-    Timesteps and noise are drawn for the whole batch first, exactly as :func:`batch_loss`
-    draws them, so a seeded step is the same in every mode."""
+    Timesteps and noise are drawn for the whole batch first, by the draw :func:`batch_loss`
+    uses, so a seeded step is the same in every mode."""
     masks = batch["mask"]
-    timesteps = torch.randint(0, schedule.num_steps, (masks.shape[0],), device=masks.device)
-    noise = torch.randn(masks.shape, device=masks.device, dtype=masks.dtype)
+    timesteps, noise = draw_timesteps_and_noise(schedule, masks)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     fixed = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     fixed |= dict(model.named_buffers())

@@ -6,7 +6,11 @@ the training objective and :mod:`.samplers` the reverse-process algorithms; the 
 ever seen as a function ``(x_t, t) -> predicted noise``.
 """
 
-from medsegdiff_core.diffusion.losses import ModelOutputFn, diffusion_loss
+from medsegdiff_core.diffusion.losses import (
+    ModelOutputFn,
+    diffusion_loss,
+    draw_timesteps_and_noise,
+)
 from medsegdiff_core.diffusion.samplers import (
     DDIMSampler,
     DDPMSampler,
@@ -25,6 +29,7 @@ __all__ = [
     "NoiseSchedule",
     "Sampler",
     "diffusion_loss",
+    "draw_timesteps_and_noise",
     "make_betas",
     "make_sampler",
     "trailing_timesteps",

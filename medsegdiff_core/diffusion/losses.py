@@ -26,6 +26,30 @@ _BIN_HALF_WIDTH = 1.0 / 255.0
 _EDGE = 0.999
 
 
+def draw_timesteps_and_noise(
+    schedule: NoiseSchedule,
+    x0: Tensor,
+    *,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The training draws for a batch shaped like ``x0``: uniform timesteps, then standard normal
+    noise, each drawn only when not given (``t`` is returned as long on ``x0``'s device).
+
+    The one place these draws happen, so every path that computes the loss (including per-sample
+    gradients for DP) consumes the random stream identically."""
+    if t is None:
+        t = torch.randint(
+            0, schedule.num_steps, (x0.shape[0],), generator=generator, device=x0.device
+        )
+    else:
+        t = t.to(device=x0.device, dtype=torch.long)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return t, noise
+
+
 def diffusion_loss(
     model_output_fn: ModelOutputFn,
     x0: Tensor,
@@ -72,13 +96,8 @@ def diffusion_loss(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    batch, channels = x0.shape[0], x0.shape[1]
-    if t is None:
-        t = torch.randint(0, schedule.num_steps, (batch,), generator=generator, device=x0.device)
-    else:
-        t = t.to(device=x0.device, dtype=torch.long)
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    channels = x0.shape[1]
+    t, noise = draw_timesteps_and_noise(schedule, x0, t=t, noise=noise, generator=generator)
 
     x_t = schedule.q_sample(x0, t, noise)
     output = model_output_fn(x_t, t)
