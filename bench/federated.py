@@ -177,16 +177,16 @@ def main() -> None:
             "dice": score(run_dir / "final" / "model.json", tests, config),
             "seconds": time.monotonic() - start,
             "round_overhead": [r["round_overhead"] for r in history],
-            # With --serial the sites train one after another: the compute a round must wait
-            # for is then the sum of the sites'.
-            "round_overhead_vs_serial_compute": [
-                r["train_wall_s"] / sum(s["train-seconds"] for s in r["site_train"].values())
-                for r in history
-            ],
             "update_bytes_per_round": [r["update_bytes"] for r in history],
             "model_bytes": history[-1]["model_bytes"],
             "round_wall_s": [r["train_wall_s"] for r in history],
         }
+        if args.serial:
+            # The sites trained one after another: the compute a round waits for is their sum.
+            results[strategy]["round_overhead_vs_serial_compute"] = [
+                r["train_wall_s"] / sum(s["train-seconds"] for s in r["site_train"].values())
+                for r in history
+            ]
 
     print()
     header = " ".join(f"{f'site-{k}':>8}" for k in range(SITES))
@@ -199,13 +199,14 @@ def main() -> None:
     for strategy in strategies:
         value = results[strategy]
         overhead = [o for o in value["round_overhead"] if o]
-        serial = value["round_overhead_vs_serial_compute"]
+        serial = value.get("round_overhead_vs_serial_compute")
+        against_sum = f", {statistics.median(serial):.3f} of all sites' compute" if serial else ""
         share = f"{100 * value['dice']['mean'] / central_mean:.1f}%" if central_mean else "-"
         print(
             f"{strategy}: {share} of centralized Dice; round overhead median "
             f"{statistics.median(overhead):.3f} of the slowest site (first round, with Ray "
-            f"start-up, {overhead[0]:.3f}; max of the rest {max(overhead[1:], default=0):.3f}), "
-            f"{statistics.median(serial):.3f} of all sites' compute; update bytes per round "
+            f"start-up, {overhead[0]:.3f}; max of the rest {max(overhead[1:], default=0):.3f})"
+            f"{against_sum}; update bytes per round "
             f"{statistics.median(value['update_bytes_per_round']):,.0f} received, "
             f"{value['model_bytes'] * SITES:,} sent"
         )
