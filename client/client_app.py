@@ -122,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
         grad_clip=config.train.grad_clip,
         proximal=_proximal(model, mu),
         amp_dtype=autocast_dtype(site.device, config.train.amp),
-        snr_gamma=config.diffusion.snr_gamma,
+        objective=config.diffusion.objective(),
     )
     _keep_optimizer(optimizer, site, run_uid, server_round)
     metrics = {
@@ -188,7 +188,7 @@ def _train_private(
         grad_sample_mode=privacy.grad_sample_mode,
         proximal=_proximal(model, mu),
         amp_dtype=autocast_dtype(site.device, config.train.amp),
-        snr_gamma=config.diffusion.snr_gamma,
+        objective=config.diffusion.objective(),
         sampling_generator=secret_generator("cpu"),
         noise_generator=secret_generator(site.device),
     )

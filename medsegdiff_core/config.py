@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .diffusion.losses import TrainingObjective
 from .diffusion.schedule import NoiseSchedule
 from .errors import ConfigError
 from .model.presets import PRESETS, UNetSpec, resolve_spec
@@ -93,15 +94,30 @@ class DiffusionConfig(_Section):
     steps: int = Field(1000, ge=1, description="diffusion steps T")
     schedule: Literal["linear", "cosine"] = "linear"
     prediction: Literal["epsilon", "v"] = Field(
-        "epsilon", description="network target: the noise (the paper) or the velocity v"
+        "v",
+        description="network target: the velocity v (our default: few-step samplers need it, "
+        "see the README) or the noise (the paper)",
     )
     snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR-gamma loss weighting (None: uniform, as the paper)"
+    )
+    x0_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="auxiliary Dice + BCE loss on the network's x0 estimate, weighted by the "
+        "noise level (0: off)",
+    )
+    timestep_sampling: Literal["uniform", "high_noise"] = Field(
+        "uniform", description="training timesteps: uniform (the paper) or favouring high noise"
     )
 
     def noise_schedule(self) -> NoiseSchedule:
         """The schedule these settings describe, carrying the network's prediction type."""
         return NoiseSchedule.from_name(self.schedule, self.steps, self.prediction)
+
+    def objective(self) -> TrainingObjective:
+        """The training loss these settings describe."""
+        return TrainingObjective(self.snr_gamma, self.x0_loss_weight, self.timestep_sampling)
 
 
 class TrainConfig(_Section):
@@ -116,7 +132,6 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(0.999, gt=0, lt=1, description="EMA of weights (None: off)")
     warmup_steps: int = Field(100, ge=0)
     checkpoint_every: int = Field(500, ge=1)
-    eval_every: int | None = Field(None, ge=1, description="validation Dice every N steps")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(
         True, description="bf16 autocast on CUDA; on a CPU with native bf16, for inference only"

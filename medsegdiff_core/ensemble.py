@@ -40,9 +40,9 @@ class Segmentation:
 
 def make_configured_sampler(schedule: NoiseSchedule, cfg: InferenceConfig, learn_sigma: bool):
     """A fresh sampler set to ``cfg.sampling_steps`` (samplers may keep state between steps)."""
-    # Masks live in [-1, 1]: clipping each x0 estimate keeps early, high-noise steps from
-    # overshooting, which matters most for the few-step samplers.
-    kwargs: dict[str, object] = {"clip_sample": True}
+    # Every sampler clips its x0 estimates to [-1, 1] by default: that keeps early, high-noise
+    # steps from overshooting, which matters most for the few-step samplers.
+    kwargs: dict[str, object] = {}
     if cfg.sampler == "ddpm" and learn_sigma:
         kwargs["variance"] = "learned_range"
     sampler = make_sampler(cfg.sampler, schedule, **kwargs)
@@ -63,7 +63,7 @@ def sample_members(
     """Sample ``cfg.ensemble`` masks for each image as one batch: (B, C, S, S) -> (B, K, M, S, S).
 
     Returned values are soft masks in [0, 1] (the final sample mapped from [-1, 1]).
-    Samplers take noise; ``schedule.prediction`` says how to get it from the network's output.
+    The samplers read the network's output as ``schedule.prediction`` says.
     """
     model.eval()
     batch, members = images.shape[0], cfg.ensemble
@@ -81,10 +81,6 @@ def sample_members(
         timesteps = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model.denoise(x, timesteps, features).float()
-        if schedule.prediction != "epsilon":
-            channels = spec.mask_channels
-            eps = schedule.eps_from_output(x, timesteps, output[:, :channels])
-            output = torch.cat([eps, output[:, channels:]], dim=1)
         x = sampler.step(output, t, x, generator=generator)
     soft = ((x.clamp(-1, 1) + 1) / 2).reshape(batch, members, *x.shape[1:])
     return soft

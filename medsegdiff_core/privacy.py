@@ -62,7 +62,7 @@ from torch.utils.data import Dataset
 
 from .checkpoint import atomic_write_bytes
 from .config import PrivacyConfig
-from .diffusion import NoiseSchedule, draw_timesteps_and_noise
+from .diffusion import PLAIN_OBJECTIVE, NoiseSchedule, TrainingObjective, draw_timesteps_and_noise
 from .errors import ConfigError, MedSegDiffError
 from .training import Batch, ProximalTerm, batch_loss
 
@@ -447,7 +447,10 @@ def poisson_batches(
 
 
 def set_per_sample_gradients(
-    model: nn.Module, schedule: NoiseSchedule, batch: Batch, snr_gamma: float | None = None
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    batch: Batch,
+    objective: TrainingObjective = PLAIN_OBJECTIVE,
 ) -> Tensor:
     """Every slice's own loss gradient, as ``p.grad_sample`` of shape ``(B, *p.shape)`` (what
     Opacus' DP optimiser clips), computed in one go with ``torch.func``: ``vmap`` over the batch
@@ -456,7 +459,9 @@ def set_per_sample_gradients(
     Timesteps and noise are drawn for the whole batch first, by the draw :func:`batch_loss`
     uses, so a seeded step is the same in every mode."""
     masks = batch["mask"]
-    timesteps, noise = draw_timesteps_and_noise(schedule, masks)
+    timesteps, noise = draw_timesteps_and_noise(
+        schedule, masks, sampling=objective.timestep_sampling
+    )
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     fixed = {n: p for n, p in model.named_parameters() if not p.requires_grad}
     fixed |= dict(model.named_buffers())
@@ -467,7 +472,7 @@ def set_per_sample_gradients(
             model,
             schedule,
             single,
-            snr_gamma=snr_gamma,
+            objective=objective,
             t=t[None],
             noise=eps[None],
             weights=weights | fixed,
@@ -495,7 +500,7 @@ def dp_train_steps(
     grad_sample_mode: str = "hooks",
     proximal: ProximalTerm | None = None,
     amp_dtype: torch.dtype | None = None,
-    snr_gamma: float | None = None,
+    objective: TrainingObjective = PLAIN_OBJECTIVE,
     sampling_generator: torch.Generator | None = None,
     noise_generator: torch.Generator | None = None,
     on_step: Callable[[int, float], None] | None = None,
@@ -569,10 +574,10 @@ def dp_train_steps(
         else:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if vmapped:
-                    per_sample = set_per_sample_gradients(model, schedule, batch, snr_gamma)
+                    per_sample = set_per_sample_gradients(model, schedule, batch, objective)
                 else:
                     per_sample = batch_loss(
-                        model, schedule, batch, reduction="none", snr_gamma=snr_gamma
+                        model, schedule, batch, reduction="none", objective=objective
                     )["loss"]
             value = float(per_sample.detach().float().mean())
             if not math.isfinite(value):
@@ -583,7 +588,7 @@ def dp_train_steps(
                 per_sample.mean().backward()
         if dp_optimizer.pre_step():  # clip per sample, sum, add noise, divide by q*N
             if proximal is not None:
-                _add_proximal_gradient(model, proximal)
+                proximal.add_gradient(model)  # after clipping and noise, as without DP
             optimizer.step()
         return value
 
@@ -622,15 +627,6 @@ def dp_train_steps(
         seconds=time.monotonic() - start,
         history=[(float(s), float(q), int(n)) for s, q, n in accountant.history],
     )
-
-
-@torch.no_grad()
-def _add_proximal_gradient(model: nn.Module, proximal: ProximalTerm) -> None:
-    """``p.grad += mu (p - p_global)``: the proximal term's gradient, added after the noise."""
-    for name, param in model.named_parameters():
-        if param.requires_grad and param.grad is not None:
-            reference: Tensor = proximal.reference[name].to(param.device)
-            param.grad.add_(param - reference, alpha=proximal.mu)
 
 
 def secret_seed() -> int:

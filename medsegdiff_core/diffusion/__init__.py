@@ -7,7 +7,9 @@ ever seen as a function ``(x_t, t) -> predicted noise``.
 """
 
 from medsegdiff_core.diffusion.losses import (
+    PLAIN_OBJECTIVE,
     ModelOutputFn,
+    TrainingObjective,
     diffusion_loss,
     draw_timesteps_and_noise,
 )
@@ -26,8 +28,10 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverPPSampler",
     "ModelOutputFn",
+    "PLAIN_OBJECTIVE",
     "NoiseSchedule",
     "Sampler",
+    "TrainingObjective",
     "diffusion_loss",
     "draw_timesteps_and_noise",
     "make_betas",
