@@ -6,7 +6,8 @@ hospital to run. Instead each handler, as it finishes, folds its numbers into
 ``<state_dir>/telemetry.json`` — under a file lock, written atomically (temp file + rename) — and
 the site's long-lived exporter (``deploy/exporter.py``, beside the SuperNode) reads that file on
 every scrape. The file holds totals (rounds, failures, bytes), so the counters survive restarts
-of the SuperNode and of the exporter; it never holds images or case names.
+of the SuperNode and of the exporter. It never holds images; the last error's message (which
+may name a file) stays in it, at the site — the exporter exports only that error's time.
 
 One decorator per handler does it::
 

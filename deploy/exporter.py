@@ -15,7 +15,12 @@ they are).
 The site exporter also checks the hospital's data folder (``train/`` and ``val/``, with
 :func:`medsegdiff_core.data.check.check_dataset`) when it starts and again whenever a file
 in it changes, and logs every problem it finds: a broken case shows up in the metrics and the
-log before the next round fails on it, while the SuperNode keeps serving.
+log before the next round fails on it, while the SuperNode keeps serving. Only counts per
+problem kind leave the site; the file names (hospital file names often hold record numbers)
+stay in the local log.
+
+Both bind 127.0.0.1 unless told otherwise, and serve https — optionally requiring a client
+certificate — when given a certificate and key (prometheus-client's own TLS support).
 """
 
 from __future__ import annotations
@@ -37,13 +42,15 @@ from prometheus_client.registry import Collector
 
 from client import telemetry as site_telemetry
 from medsegdiff_core.config import DataConfig
+from medsegdiff_core.data.check import check_dataset, problem_kind
+from medsegdiff_core.errors import ConfigError
 from server import telemetry as server_telemetry
 
-from .hospital import HospitalConfig
+from .hospital import HospitalConfig, MetricsTls
 
 LOG = logging.getLogger("fedmedsegdiff.exporter")
 SPLITS = ("train", "val")
-MAX_PROBLEM_LABELS = 20
+CHECK_FAILED = "check_failed"  # the kind of a check that could not run (folder missing, ...)
 
 
 def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
@@ -62,8 +69,15 @@ def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFa
 @dataclass
 class SplitCheck:
     cases: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # for the local log only: they name files
     error: str = ""  # the check itself failed (e.g. folder missing)
+
+    def kinds(self) -> dict[str, int]:
+        """Problem kind -> count: what the metrics may carry."""
+        counts: dict[str, int] = {}
+        for kind in [problem_kind(p) for p in self.problems] + [CHECK_FAILED] * bool(self.error):
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
 
 @dataclass
@@ -89,8 +103,6 @@ def folder_signature(folder: Path) -> str:
 
 def check_data(data_path: Path, data: DataConfig) -> DataStatus:
     """Check the site's ``train/`` and ``val/`` as training would; every problem listed."""
-    from medsegdiff_core.data.check import check_dataset
-
     status = DataStatus(checked_at=time.time())
     for split in SPLITS:
         folder = data_path / split
@@ -140,7 +152,7 @@ class DataWatcher:
             if result.error:
                 LOG.error("data check %s: %s", split, result.error)
             for problem in result.problems:
-                LOG.error("data problem (%s): %s", split, problem)
+                LOG.error("data problem (%s, %s): %s", split, problem_kind(problem), problem)
             if not result.error and not result.problems:
                 LOG.info("data check %s: %d cases, no problem", split, result.cases)
         self.status = status
@@ -282,23 +294,20 @@ class SiteCollector(Collector):
         cases = _gauge(
             "fedmedsegdiff_site_data_cases", "cases found in the data folder", ["site", "split"]
         )
-        info = _gauge(
-            "fedmedsegdiff_site_data_problem_info",
-            f"one series per problem found (first {MAX_PROBLEM_LABELS})",
-            ["site", "split", "problem"],
+        by_kind = _gauge(
+            "fedmedsegdiff_site_data_problem_kinds",
+            "problems found in the data folder, per kind (the files are named in the local log)",
+            ["site", "split", "kind"],
         )
-        shown = 0
         for split, result in status.splits.items():
-            listed = result.problems + ([result.error] if result.error else [])
-            problems.add_metric([self.site, split], len(listed))
+            kinds = result.kinds()
+            problems.add_metric([self.site, split], sum(kinds.values()))
             cases.add_metric([self.site, split], result.cases)
-            for problem in listed:
-                if shown < MAX_PROBLEM_LABELS:
-                    info.add_metric([self.site, split, problem[:300]], 1)
-                    shown += 1
+            for kind, count in sorted(kinds.items()):
+                by_kind.add_metric([self.site, split, kind], count)
         yield problems
         yield cases
-        yield info
+        yield by_kind
         ok = all(not r.problems and not r.error for r in status.splits.values())
         yield from self._single(
             "data_ok", "1 when the data folder has no problem", 1.0 if ok else 0.0
@@ -505,9 +514,12 @@ class ServerCollector(Collector):
 # --------------------------------------------------------------------------------------------
 
 
-def _serve_forever(host: str, port: int, what: str) -> None:
-    server, thread = start_http_server(port, addr=host)
-    LOG.info("serving %s metrics on http://%s:%d/metrics", what, host, port)
+def _serve_forever(host: str, port: int, what: str, tls: MetricsTls) -> None:
+    tls.check_files()
+    server, thread = start_http_server(port, addr=host, **tls.server_kwargs())
+    scheme = "https" if tls.cert else "http"
+    clients = " (client certificate required)" if tls.client_ca else ""
+    LOG.info("serving %s metrics on %s://%s:%d/metrics%s", what, scheme, host, port, clients)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -521,15 +533,17 @@ def serve_site(config: HospitalConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     watcher = DataWatcher(config.data_path, config.data, config.check_interval_s).start()
     REGISTRY.register(SiteCollector(config.site_name, config.state_dir, watcher))
-    _serve_forever(config.metrics_host, config.metrics_port, f"site {config.site_name}")
+    _serve_forever(
+        config.metrics_host, config.metrics_port, f"site {config.site_name}", config.metrics_tls
+    )
     watcher.stop()
 
 
-def serve_server(runs_dir: Path, host: str, port: int) -> None:
+def serve_server(runs_dir: Path, host: str, port: int, tls: MetricsTls | None = None) -> None:
     """Serve the server's metrics (every run under ``runs_dir``) until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     REGISTRY.register(ServerCollector(runs_dir))
-    _serve_forever(host, port, f"server ({runs_dir})")
+    _serve_forever(host, port, f"server ({runs_dir})", tls or MetricsTls())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -541,11 +555,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     server.add_argument("--runs-dir", type=Path, required=True, help="<workdir>/runs")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=9100)
+    server.add_argument("--tls-cert", type=Path, help="serve https with this certificate")
+    server.add_argument("--tls-key", type=Path, help="the certificate's private key")
+    server.add_argument(
+        "--client-ca", type=Path, help="require scrapers' client certificates signed by this CA"
+    )
     args = parser.parse_args(argv)
-    if args.role == "site":
-        serve_site(HospitalConfig.load(args.config))
-    else:
-        serve_server(args.runs_dir, args.host, args.port)
+    try:
+        if args.role == "site":
+            serve_site(HospitalConfig.load(args.config))
+        else:
+            tls = MetricsTls(args.tls_cert, args.tls_key, args.client_ca, source="exporter server")
+            serve_server(args.runs_dir, args.host, args.port, tls)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from medsegdiff_core.errors import ConfigError
 _TOP_KEYS = {"site-name", "data-path", "state-dir", "superlink", "data", "privacy", "metrics"}
 _SUPERLINK_KEYS = {"address", "root-certificates", "auth-key", "insecure", "max-wait-time"}
 _DATA_KEYS = {"layout", "classes", "image-channels", "skip-cases"}
-_METRICS_KEYS = {"host", "port", "check-interval-s"}
+_METRICS_KEYS = {"host", "port", "check-interval-s", "tls-cert", "tls-key", "client-ca"}
 
 
 def _toml_scalar(value: Any) -> str:
@@ -61,6 +61,43 @@ def _unknown(section: str, found: Mapping[str, Any], allowed: set[str]) -> None:
         raise ConfigError(f"{section}: unknown key(s) {', '.join(extra)}")
 
 
+@dataclass(frozen=True)
+class MetricsTls:
+    """https for ``/metrics``: the exporter's certificate and key, and with ``client_ca`` a
+    client certificate signed by it is required of every scraper."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    source: str = "metrics"  # where the settings came from, for error messages
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(f"{self.source}: tls-cert and tls-key go together (one is missing)")
+        if self.client_ca is not None and self.cert is None:
+            raise ConfigError(f"{self.source}: client-ca needs tls-cert and tls-key (https)")
+
+    def check_files(self) -> None:
+        """ConfigError naming the setting unless its file is there: prometheus-client would
+        only fail with a bare OSError. Checked by the exporter, not at load, so that a missing
+        metrics certificate never stops the SuperNode."""
+        for name, path in (
+            ("tls-cert", self.cert),
+            ("tls-key", self.key),
+            ("client-ca", self.client_ca),
+        ):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{self.source}: {name} {path} is not a readable file")
+
+    def server_kwargs(self) -> dict[str, object]:
+        if self.cert is None:
+            return {}
+        kwargs: dict[str, object] = {"certfile": str(self.cert), "keyfile": str(self.key)}
+        if self.client_ca is not None:
+            kwargs |= {"client_cafile": str(self.client_ca), "client_auth_required": True}
+        return kwargs
+
+
 @dataclass
 class HospitalConfig:
     """What a hospital's SuperNode and metrics exporter need (see hospital.example.toml)."""
@@ -78,6 +115,7 @@ class HospitalConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9101
     check_interval_s: float = 60.0
+    metrics_tls: MetricsTls = field(default_factory=MetricsTls)
 
     @classmethod
     def load(cls, path: Path) -> HospitalConfig:
@@ -117,6 +155,15 @@ class HospitalConfig:
         privacy = dict(raw.get("privacy", {}))
         _unknown(f"{source}: [privacy]", privacy, set(PrivacyConfig.model_fields))
         optional = {k: Path(link[k]) for k in ("root-certificates", "auth-key") if k in link}
+        tls_files = {
+            k: Path(metrics[k]) for k in ("tls-cert", "tls-key", "client-ca") if k in metrics
+        }
+        metrics_tls = MetricsTls(
+            tls_files.get("tls-cert"),
+            tls_files.get("tls-key"),
+            tls_files.get("client-ca"),
+            source=f"{source}: [metrics]",
+        )
         return cls(
             site_name=str(raw["site-name"]),
             data_path=Path(raw["data-path"]),
@@ -131,6 +178,7 @@ class HospitalConfig:
             metrics_host=str(metrics.get("host", "127.0.0.1")),
             metrics_port=int(metrics.get("port", 9101)),
             check_interval_s=float(metrics.get("check-interval-s", 60.0)),
+            metrics_tls=metrics_tls,
         )
 
     def node_config(self) -> str:
@@ -238,7 +286,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.action == "exporter":
         from .exporter import serve_site
 
-        serve_site(config)
+        try:
+            serve_site(config)
+        except ConfigError as exc:
+            parser.exit(2, f"error: {exc}\n")
         return
     command = config.supernode_command(runtime_port=args.runtime_port)
     if args.action == "show":

@@ -22,8 +22,10 @@ What it does, in the order a real deployment does it (``deploy/README.md``):
 6. stops every process it started, and every process those started (found by a marker in
    their environment, and signalled by pid).
 
-``--insecure`` runs without TLS and without node authentication (plaintext on loopback: for a
-quick check only). :class:`Federation` is the same thing as a library, for tests and benches.
+The exporters serve ``/metrics`` over https and require a client certificate signed by the
+federation's CA (Prometheus gets one: ``<root>/pki/prometheus.crt``). ``--insecure`` runs
+without TLS anywhere and without node authentication (plaintext on loopback: for a quick check
+only). :class:`Federation` is the same thing as a library, for tests and benches.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .certs import Pki, create_pki
 APP_ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FEDMEDSEGDIFF_DEPLOY"
 FEDERATION = "federation"  # the connection name in the flwr CLI's config.toml
+METRICS_CERT = "exporters"  # one certificate for every exporter: they all listen on 127.0.0.1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -133,6 +136,7 @@ class Federation:
         privacy: Mapping[str, object] | None = None,
         check_interval_s: float = 5.0,
         database: bool = False,
+        metrics_tls: bool | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         if isinstance(sites, int):
@@ -143,6 +147,8 @@ class Federation:
         else:
             names = list(sites)
         self.tls = tls
+        # https with client certificates for /metrics, as for the SuperLink (unless told apart)
+        self.metrics_tls = tls if metrics_tls is None else metrics_tls
         self.app = Path(app).resolve()
         self.cases = dict(cases or {"train": 16, "val": 4, "test": 4})
         self.image_size = image_size
@@ -190,7 +196,13 @@ class Federation:
                 size=self.image_size,
             )
             done.touch()
-        create_pki(self.pki.root, hosts=["127.0.0.1", "localhost"], sites=list(self.hospitals))
+        create_pki(
+            self.pki.root,
+            hosts=["127.0.0.1", "localhost"],
+            sites=list(self.hospitals),
+            metrics={METRICS_CERT: ["127.0.0.1", "localhost"]} if self.metrics_tls else None,
+            scraper=self.metrics_tls,
+        )
         for hospital in self.hospitals.values():
             self.write_hospital_config(hospital)
         self.write_cli_config()
@@ -234,6 +246,12 @@ class Federation:
             f"port = {hospital.metrics_port}",
             f"check-interval-s = {self.check_interval_s}",
         ]
+        if self.metrics_tls:
+            lines += [
+                f"tls-cert = {_toml_string(self.pki.metrics_cert(METRICS_CERT))}",
+                f"tls-key = {_toml_string(self.pki.metrics_key(METRICS_CERT))}",
+                f"client-ca = {_toml_string(self.pki.ca_cert)}",
+            ]
         if self.privacy:
             lines += ["", "[privacy]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in self.privacy.items()]
@@ -490,8 +508,25 @@ class Federation:
                 self.host,
                 "--port",
                 str(self.server_metrics_port),
+                *self.server_exporter_tls_args(),
             ],
         )
+
+    def server_exporter_tls_args(self) -> list[str]:
+        if not self.metrics_tls:
+            return []
+        return [
+            "--tls-cert",
+            str(self.pki.metrics_cert(METRICS_CERT)),
+            "--tls-key",
+            str(self.pki.metrics_key(METRICS_CERT)),
+            "--client-ca",
+            str(self.pki.ca_cert),
+        ]
+
+    @property
+    def metrics_scheme(self) -> str:
+        return "https" if self.metrics_tls else "http"
 
     def metrics_targets(self) -> dict[str, str]:
         """Job name -> ``host:port`` of every exporter (for a Prometheus scrape config)."""
@@ -632,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         security = "TLS, node authentication" if federation.tls else "PLAINTEXT"
         print(f"SuperLink {federation.host}:{federation.superlink_port} ({security})", flush=True)
         for job, target in federation.metrics_targets().items():
-            print(f"metrics {job}: http://{target}/metrics")
+            print(f"metrics {job}: {federation.metrics_scheme}://{target}/metrics")
         prometheus = None
         if args.prometheus:
             from .prometheus import start_prometheus
@@ -648,10 +683,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print(federation.log("flwr-run")[-3000:])
         if prometheus is not None:
-            from .prometheus import scraped_report
+            from .prometheus import scraped_report, targets_report, wait_scraped_after
 
-            time.sleep(6)  # one more scrape of the final values
+            # The final values: every target scraped once more after the run ended.
+            wait_scraped_after(prometheus, time.time())
             report = scraped_report(prometheus)
+            for target in targets_report(prometheus):
+                print(f"  target {target}")
             (federation.root / "prometheus-scraped.json").write_text(json.dumps(report, indent=1))
             print(f"Prometheus scraped ({federation.root / 'prometheus-scraped.json'}):")
             for series, value in report.items():

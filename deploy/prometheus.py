@@ -14,6 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -21,7 +22,27 @@ def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
 
 
-def scrape_config(targets: Mapping[str, str], *, interval_s: float = 5.0) -> str:
+@dataclass(frozen=True)
+class ScrapeTls:
+    """How Prometheus scrapes exporters over https: the CA that signed their certificates and
+    its own client certificate (exporters with ``client-ca`` refuse scrapers without one)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def yaml_lines(self, indent: str) -> list[str]:
+        lines = [f"{indent}scheme: https", f"{indent}tls_config:"]
+        lines.append(f"{indent}  ca_file: {json.dumps(str(self.ca_file))}")
+        if self.cert_file is not None:
+            lines.append(f"{indent}  cert_file: {json.dumps(str(self.cert_file))}")
+            lines.append(f"{indent}  key_file: {json.dumps(str(self.key_file))}")
+        return lines
+
+
+def scrape_config(
+    targets: Mapping[str, str], *, interval_s: float = 5.0, tls: ScrapeTls | None = None
+) -> str:
     """Prometheus YAML: one job per exporter (``fedmedsegdiff-server``, ``fedmedsegdiff-<site>``),
     so the ``job`` label names the daemon; the metrics carry ``site`` / ``run`` themselves."""
     lines = [
@@ -33,6 +54,7 @@ def scrape_config(targets: Mapping[str, str], *, interval_s: float = 5.0) -> str
     for name, target in targets.items():
         lines += [
             f"  - job_name: fedmedsegdiff-{name}",
+            *(tls.yaml_lines("    ") if tls else []),
             "    static_configs:",
             f"      - targets: ['{target}']",
         ]
@@ -93,6 +115,35 @@ def wait_for(
         time.sleep(interval_s)
 
 
+def targets(base_url: str, *, timeout_s: float = 10.0) -> list[dict]:
+    """``/api/v1/targets``: the active targets (``scrapeUrl``, ``health``, ``lastError``, ...)."""
+    with urllib.request.urlopen(f"{base_url}/api/v1/targets", timeout=timeout_s) as response:
+        return list(json.loads(response.read())["data"]["activeTargets"])
+
+
+def targets_report(base_url: str) -> list[str]:
+    """One line per target: job, URL, health (and the last error, if any)."""
+    lines = []
+    for target in sorted(targets(base_url), key=lambda t: t["labels"].get("job", "")):
+        line = f"{target['labels'].get('job', '')} {target['scrapeUrl']} {target['health']}"
+        lines.append(line + (f" ({target['lastError']})" if target.get("lastError") else ""))
+    return lines
+
+
+def wait_scraped_after(base_url: str, since: float, *, timeout_s: float = 60.0) -> None:
+    """Until every target has answered a scrape made after unix time ``since``."""
+    expected = len(targets(base_url))
+
+    def fresh(results: list[dict]) -> bool:
+        if len(results) != expected or not all(float(r["value"][1]) > since for r in results):
+            return False
+        return all(v == 1 for v in values(query(base_url, "up"), "job").values())
+
+    # timestamp() of a bare selector is the time of the scrape behind each sample (of anything
+    # else, e.g. `up == 1`, it is only the query's own time).
+    wait_for(base_url, "timestamp(up)", fresh, timeout_s=timeout_s, interval_s=0.5)
+
+
 def values(results: list[dict], label: str) -> dict[str, float]:
     """``label value -> sample value`` of query results."""
     return {r["metric"].get(label, ""): float(r["value"][1]) for r in results}
@@ -119,7 +170,11 @@ def start_prometheus(federation, *, interval_s: float = 2.0) -> str:
     folder = federation.root / "prometheus"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "prometheus.yml"
-    config.write_text(scrape_config(federation.metrics_targets(), interval_s=interval_s))
+    tls = None
+    if federation.metrics_tls:
+        pki = federation.pki
+        tls = ScrapeTls(pki.ca_cert, pki.scraper_cert, pki.scraper_key)
+    config.write_text(scrape_config(federation.metrics_targets(), interval_s=interval_s, tls=tls))
     port = free_port()
     federation.start(
         "prometheus",

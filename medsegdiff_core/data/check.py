@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,14 @@ from .layouts import (
 )
 from .volumes import axial_axis
 
-__all__ = ["Report", "add_data_parser", "check_dataset", "require_clean", "run_data_command"]
+__all__ = [
+    "Report",
+    "add_data_parser",
+    "check_dataset",
+    "problem_kind",
+    "require_clean",
+    "run_data_command",
+]
 
 
 @dataclass
@@ -220,6 +228,29 @@ def read_channels(path: Path) -> int:
     from .folder import read_image
 
     return int(read_image(path).shape[0])
+
+
+# What a problem is, from its text after the path: lets a site report counts per kind without the
+# file names (which can hold record numbers). First match wins; unknown wording is "other".
+_PROBLEM_KINDS = (
+    ("channels", re.compile(r"channel\(s\) but the model expects")),
+    ("shape_mismatch", re.compile(r" but its image is |differs from its image|slice is .* but ")),
+    ("label_values", re.compile(r"label value|mask value|labelled pixel|not a label map")),
+    ("non_finite", re.compile(r"NaN or infinite")),
+    ("duplicate", re.compile(r"same name as|duplicated slice")),
+    ("format", re.compile(r"lossless|colour image|grey label map|expected a 3-D|must be 3-D")),
+    ("unreadable", re.compile(r"cannot read|not a volume|no valid voxel-to-world")),
+    (
+        "missing",
+        re.compile(r"does not exist|has no (image|mask)|no mask for|missing|no \S+/ folder"),
+    ),
+)
+
+
+def problem_kind(problem: str) -> str:
+    """The kind of a :attr:`Report.problems` line (``unreadable``, ``shape_mismatch``, ...)."""
+    text = problem.split(": ", 1)[-1]
+    return next((kind for kind, pattern in _PROBLEM_KINDS if pattern.search(text)), "other")
 
 
 # --------------------------------------------------------------------------------------------
