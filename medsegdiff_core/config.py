@@ -10,6 +10,7 @@ any validation failure into one :class:`~medsegdiff_core.errors.ConfigError` lin
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -305,6 +306,20 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> ExperimentC
         raise ConfigError(_format_error(source, errors[0]) + more) from None
 
 
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML file safe_load refused, naming the file and line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or ""
+    # safe_load builds plain values only, so any tag (!!python/object, !custom) is refused:
+    # say so, rather than call a well-formed file invalid YAML.
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if isinstance(exc, yaml.constructor.ConstructorError) and tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return f"{path}: YAML tags are not allowed (found {shown}{where}); use plain values"
+    return f"{path}: not valid YAML{where}"
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read and validate a YAML experiment config.
 
@@ -317,9 +332,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raise ConfigError(_yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
@@ -358,7 +371,11 @@ def apply_override(data: dict[str, Any], item: str, *, source: str = "override")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: {key}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        message = _yaml_error(Path(source), exc).split(": ", 1)[1]
+        raise ConfigError(f"{source}: override {key}: {message}") from None
 
 
 __all__ = [

@@ -52,6 +52,21 @@ def test_yaml_file_errors(tmp_path: Path) -> None:
         load_config(listy)
 
 
+def test_yaml_tags_are_refused_by_name(tmp_path: Path) -> None:
+    # safe_load never builds objects; a tag is refused as such, not as "not valid YAML"
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("name: x\nmodel: !!python/object/apply:os.system [echo hi]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(tagged)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{tagged}: YAML tags are not allowed")
+    assert "!!python/object/apply:os.system at line 2" in message
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: {preset: tiny}\n")
+    with pytest.raises(ConfigError, match=r"override train\.steps: YAML tags are not allowed"):
+        load_config(plain, ["train.steps=!!python/object:os.system {}"])
+
+
 def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model: {preset: tiny}\n")
