@@ -192,6 +192,27 @@ def read_sidecar(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return json_path, sidecar
 
 
+def _weights_path(json_path: Path, sidecar: dict[str, Any]) -> Path:
+    """The sidecar's ``weights`` file, which must be a plain file name beside the sidecar.
+
+    A path ("../../etc/passwd", "/abs/file", "sub/w.safetensors") would let a checkpoint from
+    another site make us open any file, so anything but a bare name is refused."""
+    name = sidecar.get("weights", json_path.stem + ".safetensors")
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+    if not plain:
+        raise CheckpointError(
+            f"{json_path}: key 'weights' must be a plain file name in the checkpoint's folder, "
+            f"got {name!r}"
+        )
+    return json_path.with_name(name)
+
+
 def check_architecture(found: UNetSpec, expected: UNetSpec, *, source: str | Path) -> None:
     """Raise CheckpointError naming every field where a checkpoint's spec differs."""
     mismatches = [
@@ -225,7 +246,7 @@ def load_checkpoint(
         raise CheckpointError(f"{json_path}: sidecar is incomplete or invalid ({exc})") from None
     if expected is not None:
         check_architecture(spec, expected, source=json_path)
-    weights_path = json_path.with_name(sidecar.get("weights", json_path.stem + ".safetensors"))
+    weights_path = _weights_path(json_path, sidecar)
     state = load_tensors(weights_path)
     model = MedSegDiffUNet(spec)
     own = model.state_dict()

@@ -88,3 +88,18 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="sidecar not found"):
         load_checkpoint(tmp_path / "nothing.json")
+
+
+@pytest.mark.parametrize(
+    "weights", ["../../etc/passwd", "/etc/passwd", "sub/model.safetensors", "..", "", 3]
+)
+def test_weights_entry_must_be_a_plain_file_name(tmp_path: Path, weights) -> None:
+    _, path = _save(tmp_path)
+    sidecar = json.loads(path.read_text())
+    sidecar["weights"] = weights
+    path.write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: key 'weights'")
+    assert "plain file name" in message
