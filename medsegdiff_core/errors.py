@@ -20,3 +20,8 @@ class DataError(MedSegDiffError):
 
 class CheckpointError(MedSegDiffError):
     """A checkpoint or release is missing, corrupt, or built for another architecture."""
+
+
+class DataWarning(UserWarning):
+    """A data file was read, but something in it was repaired or looks wrong; the message starts
+    with the file's path."""

@@ -45,7 +45,7 @@ from medsegdiff_core.data.volumes import (
     read_volume,
     write_label_volume,
 )
-from medsegdiff_core.errors import DataError
+from medsegdiff_core.errors import DataError, DataWarning
 
 LESION = {"lesion": [1]}
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,6 +455,20 @@ def test_bad_mask_affine_differs(tmp_path: Path) -> None:
         open_dataset(tmp_path, "volumes", LESION, 16)
     _assert_one_line(error, mask)
     assert "affine" in str(error.value)
+
+
+def test_nifti_header_repair_warning_names_the_file(tmp_path: Path) -> None:
+    path = _save_nifti(tmp_path / "qfac.nii", np.ones((4, 5, 3), np.float32), np.eye(4))
+    raw = bytearray(path.read_bytes())
+    raw[76:80] = np.float32(0.5).tobytes()  # pixdim[0], the qfac nibabel repairs to 1
+    path.write_bytes(bytes(raw))
+    with pytest.warns(DataWarning) as caught:
+        volume = read_volume(path)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{path}: ") and "qfac" in m for m in messages), messages
+    assert volume.shape == (4, 5, 3)
+    # nibabel's own logger is left as it was
+    assert nib.imageglobals.logger.level == 0 and nib.imageglobals.logger.handlers
 
 
 def test_bad_label_values_outside_classes(brats: Path, tmp_path: Path) -> None:

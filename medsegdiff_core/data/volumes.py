@@ -30,13 +30,17 @@ message that starts with the offending path.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, DataWarning
 
 __all__ = [
     "VOLUME_SUFFIXES",
@@ -159,13 +163,52 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _messages_named(path: Path) -> Iterator[None]:
+    """Re-emit what nibabel says while reading ``path`` as DataWarnings that start with the path.
+
+    nibabel reports header repairs ("pixdim[0] (qfac) should be 1 (default) or -1; setting qfac
+    to 1") on its ``nibabel.global`` logger, and some problems as warnings, without naming the
+    file: among a site's hundreds of volumes nobody could tell which one was repaired. A repair
+    can flip an axis, so it is worth a warning rather than an INFO line nobody sees."""
+    logger = logging.getLogger("nibabel.global")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    collect = _Collect()
+    logger.handlers, logger.propagate = [collect], False
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
+    for record in collect.records:
+        message = record.getMessage().strip().replace("\n", "; ")
+        warnings.warn(f"{path}: NIfTI header: {message}", DataWarning, stacklevel=3)
+    for warning in caught:
+        message = str(warning.message).strip().replace("\n", "; ")
+        category = warning.category if issubclass(warning.category, Warning) else DataWarning
+        warnings.warn(f"{path}: {message}", category, stacklevel=3)
+
+
 def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path), mmap=False)
-        # Scaled data as float32 (scl_slope/inter applied); integer files stay exact.
-        data = np.asarray(image.dataobj)
+        with _messages_named(path):
+            image = nib.load(str(path), mmap=False)
+            # Scaled data as float32 (scl_slope/inter applied); integer files stay exact.
+            data = np.asarray(image.dataobj)
     except FileNotFoundError:
         raise DataError(f"{path}: file does not exist") from None
     except Exception as error:  # nibabel/gzip/zlib raise many types for truncated files
