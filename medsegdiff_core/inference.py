@@ -253,7 +253,8 @@ class _VolumeWriter:
         if case.mask_path is not None:
             reference = self.dataset.reference(case.name)
             labels = self.dataset.assemble(case.name, self._labels)
-            target = read_label_volume(case.mask_path).data
+            # On the image's grid: a mask stored with flipped axes is reoriented as in training.
+            target = read_label_volume(case.mask_path, reference=reference).data
             spacing = tuple(float(v) for v in reference.spacing)
             self.scores.append(_score(labels, target, self.classes, str(case.mask_path), spacing))
             self.scored.append(case.name)

@@ -471,6 +471,79 @@ def test_nifti_header_repair_warning_names_the_file(tmp_path: Path) -> None:
     assert nib.imageglobals.logger.level == 0 and nib.imageglobals.logger.handlers
 
 
+def _flip_i(affine: np.ndarray, size: int) -> np.ndarray:
+    """The affine of the same grid stored with the i axis reversed."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, size - 1
+    return affine @ flip
+
+
+def test_mask_with_flipped_or_permuted_axes_is_reoriented_onto_its_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image_path, mask_path = _volume_case(tmp_path)
+    reference = read_volume(image_path)
+    mask = np.asarray(nib.load(str(mask_path)).dataobj)
+    # dcm2niix and other converters store the same voxels in another axis order (LAS vs LPS)
+    _save_nifti(mask_path, np.ascontiguousarray(mask[::-1]), _flip_i(_affine(), mask.shape[0]))
+    flipped = read_label_volume(mask_path, reference=reference)
+    assert np.array_equal(flipped.data, mask) and flipped.reoriented
+    assert np.allclose(flipped.affine, reference.affine)
+    permuted = tmp_path / "permuted.nii.gz"
+    _save_nifti(permuted, np.ascontiguousarray(mask.transpose(1, 0, 2)), _affine()[:, [1, 0, 2, 3]])
+    assert np.array_equal(read_label_volume(permuted, reference=reference).data, mask)
+
+    report = check_dataset(tmp_path, "volumes", LESION)
+    assert report.ok, report.format()
+    assert len(report.notes) == 1 and report.notes[0].startswith(f"{mask_path}: stored ")
+    parser = argparse.ArgumentParser()
+    add_data_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["data", "check", str(tmp_path), "--layout", "volumes"])
+    assert run_data_command(args) == 0
+    out = capsys.readouterr().out
+    assert "notes (1):" in out and "reoriented onto the image's grid" in out
+    # the slices hold the mask where the image is: the lesion box, not its mirror image
+    dataset = open_dataset(tmp_path, "volumes", LESION, 16)
+    index = next(i for i in range(len(dataset)) if dataset[i]["slice_index"] == 2)
+    assert np.array_equal(dataset.target_labels(index), mask[:, :, 2])
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "change"),
+    [
+        ("origin differs", (20, 24, 6), lambda a: a + np.pad([[0, 0, 0, 2.0]], ((0, 3), (0, 0)))),
+        ("spacing differs", (20, 24, 6), lambda a: a @ np.diag([1.0, 1.0, 1.5, 1.0])),
+        ("shape differs", (20, 24, 5), lambda a: a),
+        ("shape differs", (24, 20, 5), lambda a: a[:, [1, 0, 2, 3]]),  # permuted, but 5 slices
+        ("direction differs", (20, 24, 6), lambda a: _rotate_z(a, 20.0)),
+        # flipped (fixable) and shifted (not): the real difference is named
+        (
+            "origin differs",
+            (20, 24, 6),
+            lambda a: _flip_i(a, 20) + [[0, 0, 0, 0], [0, 0, 0, 3.0], [0] * 4, [0] * 4],
+        ),
+    ],
+)
+def test_mask_on_another_grid_names_what_differs(
+    tmp_path: Path, kind: str, shape: tuple[int, int, int], change
+) -> None:
+    image_path, mask_path = _volume_case(tmp_path)
+    _save_nifti(mask_path, np.zeros(shape, np.uint8), change(_affine()))
+    with pytest.raises(DataError) as error:
+        read_label_volume(mask_path, reference=read_volume(image_path))
+    _assert_one_line(error, mask_path)
+    assert f"{mask_path}: {kind} from its image case1.nii.gz" in str(error.value)
+    report = check_dataset(tmp_path, "volumes", LESION)
+    assert len(report.problems) == 1 and kind in report.problems[0] and not report.notes
+
+
+def _rotate_z(affine: np.ndarray, degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    return rotation @ affine
+
+
 def test_bad_label_values_outside_classes(brats: Path, tmp_path: Path) -> None:
     case = shutil.copytree(sorted(brats.iterdir())[0], tmp_path / "site" / "BraTS-SYN-00000")
     seg = case / f"{case.name}_seg.nii.gz"

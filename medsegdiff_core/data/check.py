@@ -60,6 +60,8 @@ class Report:
         total_pixels: Pixels/voxels of all readable masks.
         slices: (all axial slices, slices with a label) of the volume cases with masks.
         problems: Every problem, one line each, path first.
+        notes: What was fixed on reading and is worth knowing (a mask reoriented onto its
+            image's grid), one line each, path first; not problems.
     """
 
     folder: Path
@@ -76,6 +78,7 @@ class Report:
     total_pixels: int = 0
     slices: tuple[int, int] = (0, 0)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -110,6 +113,9 @@ class Report:
         lines.append(f"label values: {values} (pixels/voxels)")
         balance = ", ".join(f"{name} {100 * f:.2f}%" for name, f in self.class_balance.items())
         lines.append(f"class balance: {balance}")
+        if self.notes:
+            lines.append(f"notes ({len(self.notes)}):")
+            lines += [f"  {note}" for note in self.notes]
         if self.problems:
             lines.append(f"problems ({len(self.problems)}):")
             lines += [f"  {problem}" for problem in self.problems]
@@ -183,6 +189,8 @@ def check_dataset(
                 report.sizes["x".join(map(str, first.shape))] += 1
                 report.spacings[" x ".join(f"{s:.3g}" for s in first.spacing)] += 1
                 labels = None if label_volume is None else label_volume.data
+                if label_volume is not None and label_volume.reoriented:
+                    report.notes.append(f"{label_volume.path}: {label_volume.reoriented}")
                 if labels is not None:
                     axis = axial_axis(first.affine)
                     other = tuple(a for a in range(3) if a != axis)

@@ -658,7 +658,7 @@ class SliceDataset(SegmentationFolder):
         if case.mask_path is None:
             return None
         entry = self.volume_cases[case.name]
-        labels = read_label_volume(case.mask_path).data
+        labels = read_label_volume(case.mask_path, reference=entry.reference).data
         return np.take(labels, self._slice_index[index], axis=entry.axis)
 
 

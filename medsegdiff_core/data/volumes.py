@@ -45,6 +45,7 @@ from ..errors import DataError, DataWarning
 __all__ = [
     "VOLUME_SUFFIXES",
     "Volume",
+    "align_to_grid",
     "axial_axis",
     "check_same_grid",
     "is_volume_path",
@@ -78,6 +79,8 @@ class Volume:
         path: Where it was read from (file, or folder for a DICOM series).
         format: ``"nifti"``, ``"nrrd"`` or ``"dicom"``.
         header: nibabel header of a NIfTI file (copied into predictions), else None.
+        reoriented: How :func:`align_to_grid` flipped or permuted the axes to put the volume on
+            its image's grid, for reports; None when it was stored on that grid.
     """
 
     data: np.ndarray
@@ -85,6 +88,7 @@ class Volume:
     path: Path
     format: VolumeFormat
     header: Any = field(default=None, repr=False)
+    reoriented: str | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -432,11 +436,16 @@ def read_volume(path: Path) -> Volume:
 
 
 def read_label_volume(path: Path, reference: Volume | None = None) -> Volume:
-    """Read a label volume as int64 ``[i, j, k]``; optionally check it lies on ``reference``'s grid.
+    """Read a label volume as int64 ``[i, j, k]``; optionally put it on ``reference``'s grid.
+
+    A label volume whose grid is the reference's up to axis flips and permutations (the same
+    voxels in world space, stored e.g. LAS instead of LPS as converters differ) is reoriented
+    onto the reference's voxel order; :attr:`Volume.reoriented` then says so.
 
     Raises:
         DataError: As :func:`read_volume`; or the volume is 4-D, has non-integer values, or
-            differs from the reference in shape or affine.
+            lies on another grid than the reference (the message names what differs: shape,
+            spacing, direction or origin).
     """
     path = Path(path)
     volume = read_volume(path)
@@ -449,27 +458,85 @@ def read_label_volume(path: Path, reference: Volume | None = None) -> Volume:
         raise DataError(f"{path}: label volume has non-integer values (not a label map)")
     volume.data = data.astype(np.int64)
     if reference is not None:
-        check_same_grid(volume, reference)
+        volume = align_to_grid(volume, reference)
     return volume
 
 
+def _grid_difference(shape: tuple[int, ...], affine: np.ndarray, reference: Volume) -> str | None:
+    """What differs between the grid (shape, affine) and the reference's, or None if nothing.
+
+    Names the first of shape, spacing, direction, origin that differs, so a user knows whether
+    the mask was resampled, rotated or shifted; positions are compared where the grid's corners
+    land, in mm."""
+    name = reference.path.name
+    if tuple(shape) != reference.shape:
+        given, expected = "x".join(map(str, shape)), "x".join(map(str, reference.shape))
+        return f"shape differs from its image {name} ({given} vs {expected} voxels)"
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    if np.abs(spacing - np.asarray(reference.spacing)).max() > _AFFINE_TOLERANCE_MM:
+        given = "x".join(f"{v:.4g}" for v in spacing)
+        expected = "x".join(f"{v:.4g}" for v in reference.spacing)
+        return f"spacing differs from its image {name} ({given} vs {expected} mm)"
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+    corners *= np.asarray(reference.shape, float) - 1
+    linear = np.asarray(affine)[:3, :3] - reference.affine[:3, :3]
+    turned = float(np.abs(corners @ linear.T).max())
+    if turned > _AFFINE_TOLERANCE_MM:
+        return (
+            f"direction differs from its image {name} (voxel-to-world affines rotate the grid "
+            f"apart by up to {turned:.3g} mm)"
+        )
+    shift = float(np.abs(np.asarray(affine)[:3, 3] - reference.affine[:3, 3]).max())
+    if shift > _AFFINE_TOLERANCE_MM:
+        return f"origin differs from its image {name} (voxel-to-world affines {shift:.3g} mm apart)"
+    return None
+
+
 def check_same_grid(volume: Volume, reference: Volume) -> None:
-    """Raise DataError (naming ``volume.path``) unless it has ``reference``'s shape and affine."""
-    if volume.shape != reference.shape:
-        raise DataError(
-            f"{volume.path}: shape {'x'.join(map(str, volume.shape))} differs from its image "
-            f"{reference.path.name} ({'x'.join(map(str, reference.shape))})"
-        )
-    # Compare where the grid's corners land, in mm, and the voxel sizes.
-    corners = np.array([[i, j, k, 1] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
-    corners[:, :3] *= np.asarray(reference.shape, float) - 1
-    shift = float(np.abs(corners @ (volume.affine - reference.affine).T)[:, :3].max())
-    spacing = float(np.abs(np.subtract(volume.spacing, reference.spacing)).max())
-    if max(shift, spacing) > _AFFINE_TOLERANCE_MM:
-        raise DataError(
-            f"{volume.path}: voxel-to-world affine differs from its image {reference.path.name} "
-            f"(up to {max(shift, spacing):.3g} mm apart)"
-        )
+    """Raise DataError (naming ``volume.path`` and what differs) unless it has ``reference``'s
+    shape and affine."""
+    problem = _grid_difference(volume.shape, volume.affine, reference)
+    if problem is not None:
+        raise DataError(f"{volume.path}: {problem}")
+
+
+def align_to_grid(volume: Volume, reference: Volume) -> Volume:
+    """``volume`` on ``reference``'s grid: as it is, or with its axes flipped and permuted when
+    that alone puts it there (same voxels in world space, other storage order).
+
+    Only flips and permutations are applied, never resampling: each voxel keeps its value and its
+    place in the world. Anything else is a real mismatch, and raises as :func:`check_same_grid`
+    does, describing the grid after any flips (a mask both flipped and shifted: origin differs).
+    """
+    from nibabel.orientations import (
+        apply_orientation,
+        inv_ornt_aff,
+        io_orientation,
+        ornt2axcodes,
+        ornt_transform,
+    )
+
+    if _grid_difference(volume.shape, volume.affine, reference) is None:
+        return volume
+    own, target = io_orientation(volume.affine), io_orientation(reference.affine)
+    transform = ornt_transform(own, target)
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        check_same_grid(volume, reference)  # same axis order: nothing to flip, a real mismatch
+    data = apply_orientation(volume.data, transform)
+    affine = volume.affine @ inv_ornt_aff(transform, volume.shape)
+    problem = _grid_difference(data.shape[:3], affine, reference)
+    if problem is not None:
+        raise DataError(f"{volume.path}: {problem}")
+    stored, wanted = "".join(ornt2axcodes(own)), "".join(ornt2axcodes(target))
+    return Volume(
+        np.ascontiguousarray(data),
+        reference.affine.copy(),
+        volume.path,
+        volume.format,
+        volume.header,
+        reoriented=f"stored {stored} but its image is {wanted}: reoriented onto the image's grid "
+        "(axes flipped/permuted, no resampling)",
+    )
 
 
 def _output_format(path: Path) -> VolumeFormat:
