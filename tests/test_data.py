@@ -415,6 +415,47 @@ def test_check_folder_reports_every_problem_at_once(tmp_path: Path) -> None:
     ]
 
 
+def test_symlink_loop_in_images_is_a_problem_naming_it(tmp_path: Path) -> None:
+    from medsegdiff_core.data.check import check_dataset, problem_kind, require_clean
+    from medsegdiff_core.data.layouts import find_layout_cases
+
+    layout = "generic"
+    _good_case(tmp_path, "a")
+    loop = tmp_path / "images" / "b.png"
+    loop.symlink_to(loop.name)  # points to itself: neither a file nor a folder
+    dead = tmp_path / "masks" / "c.png"
+    dead.symlink_to("gone.png")
+    expected = [
+        f"{loop}: symbolic link loops (it leads back to itself); fix or remove it",
+        f"{dead}: broken symbolic link (its target gone.png does not exist)",
+    ]
+    report = check_dataset(tmp_path, layout)
+    assert report.problems == expected and report.cases == 1
+    assert [problem_kind(p) for p in report.problems] == ["broken_link", "broken_link"]
+    with pytest.raises(DataError) as error:
+        require_clean(tmp_path, layout, FUNDUS_CLASSES, 3)
+    assert str(loop) in _one_line(error) and str(dead) in str(error.value)
+    with pytest.raises(DataError, match=f"^{loop}: symbolic link loops"):
+        find_layout_cases(tmp_path, layout, require_masks=False)
+    # the generic folder's own scan (SegmentationFolder) says the same
+    assert check_folder(tmp_path, FUNDUS_CLASSES, in_channels=3) == expected
+    with pytest.raises(DataError, match=f"^{loop}: symbolic link loops"):
+        find_cases(tmp_path, require_masks=False)
+
+
+def test_symlink_loop_in_volume_images_is_a_problem(tmp_path: Path) -> None:
+    from medsegdiff_core.data.check import check_dataset
+
+    (tmp_path / "images").mkdir()
+    loop = tmp_path / "images" / "a.nii.gz"
+    loop.symlink_to(loop.name)
+    report = check_dataset(tmp_path, "volumes", require_masks=False)
+    assert report.problems[0] == f"{loop}: symbolic link loops (it leads back to itself); " + (
+        "fix or remove it"
+    )
+    assert len(report.problems) == 2 and "no volumes found" in report.problems[1]
+
+
 def test_check_folder_of_a_clean_site_is_empty(sites: list[Path]) -> None:
     assert check_folder(sites[2] / "test", FUNDUS_CLASSES, in_channels=3) == []
 

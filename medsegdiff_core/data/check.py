@@ -248,6 +248,7 @@ _PROBLEM_KINDS = (
     ("duplicate", re.compile(r"same name as|duplicated slice")),
     ("format", re.compile(r"lossless|colour image|grey label map|expected a 3-D|must be 3-D")),
     ("unreadable", re.compile(r"cannot read|not a volume|no valid voxel-to-world")),
+    ("broken_link", re.compile(r"symbolic link")),
     (
         "missing",
         re.compile(r"does not exist|has no (image|mask)|no mask for|missing|no \S+/ folder"),

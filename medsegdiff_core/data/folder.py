@@ -14,6 +14,8 @@ problems at once; :class:`SegmentationFolder` stops at the first.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ __all__ = [
     "check_folder",
     "find_cases",
     "labels_to_channels",
+    "link_problems",
     "read_image",
     "read_label_map",
 ]
@@ -64,6 +67,28 @@ def _listed(names: Sequence[str]) -> str:
     return shown + (", ..." if len(names) > _MAX_LISTED else "")
 
 
+def _link_problem(path: Path) -> str | None:
+    """Why ``path``, a symbolic link, cannot be followed (a loop, a missing target), else None.
+
+    Such a link is neither a file nor a folder, so a scan that only keeps files would drop it
+    without a word, and a case would go missing from training unnoticed."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path}: symbolic link loops (it leads back to itself); fix or remove it"
+        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None
+
+
+def link_problems(folder: Path) -> list[str]:
+    """A problem line per visible entry of ``folder`` that is a link that cannot be followed."""
+    entries = sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
+    return [problem for problem in map(_link_problem, entries) if problem is not None]
+
+
 def _visible_files(folder: Path) -> list[Path]:
     # Hidden files (.DS_Store, editor swap files) are never data.
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -84,7 +109,7 @@ def _scan(folder: Path, require_masks: bool) -> tuple[list[Case], list[str]]:
         expected = "expected images/<name>.png and masks/<name>.png"
         return [], [f"{folder}: no images/ folder ({expected})"]
 
-    problems: list[str] = []
+    problems: list[str] = link_problems(image_dir)
     images: dict[str, Path] = {}
     for path in _visible_files(image_dir):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -95,10 +120,11 @@ def _scan(folder: Path, require_masks: bool) -> tuple[list[Case], list[str]]:
         images[path.stem] = path
     if not images:
         kinds = ", ".join(IMAGE_SUFFIXES)
-        return [], [f"{image_dir}: no images found (looked for {kinds})"]
+        return [], [*problems, f"{image_dir}: no images found (looked for {kinds})"]
 
     masks: dict[str, Path] = {}
     if mask_dir.is_dir():
+        problems += link_problems(mask_dir)
         for path in _visible_files(mask_dir):
             if path.suffix.lower() == ".png":
                 masks[path.stem] = path

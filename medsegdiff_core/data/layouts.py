@@ -42,6 +42,7 @@ from .folder import (
     IMAGE_SUFFIXES,
     SegmentationFolder,
     labels_to_channels,
+    link_problems,
     read_image,
     read_label_map,
 )
@@ -185,7 +186,7 @@ def _scan_planar(
     image_dir, mask_dir = _first_dir(folder, image_names), _first_dir(folder, mask_names)
     if image_dir is None:
         return [], [f"{folder}: no {image_names[0]}/ folder ({layout} layout)"]
-    problems: list[str] = []
+    problems: list[str] = link_problems(image_dir)
     suffixes = (*IMAGE_SUFFIXES, ".bmp") if layout == "refuge" else IMAGE_SUFFIXES
     images: dict[str, Path] = {}
     for path in _visible(image_dir):
@@ -195,9 +196,10 @@ def _scan_planar(
                 continue
             images[path.stem] = path
     if not images:
-        return [], [f"{image_dir}: no images found (looked for {', '.join(suffixes)})"]
+        return [], [*problems, f"{image_dir}: no images found (looked for {', '.join(suffixes)})"]
     masks: dict[str, Path] = {}
     if mask_dir is not None:
+        problems += link_problems(mask_dir)
         for path in _visible(mask_dir):
             if not path.is_file():
                 continue
@@ -228,10 +230,12 @@ def _brats_file(case_dir: Path, key: str) -> Path | None:
 
 def _scan_brats(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], list[str]]:
     case_dirs = [p for p in _visible(folder) if p.is_dir()]
+    problems = link_problems(folder)
     if not case_dirs:
-        return [], [f"{folder}: no case folders (expected <case>/<case>_t1.nii.gz, ...)"]
-    cases, problems = [], []
+        return [], [*problems, f"{folder}: no case folders (expected <case>/<case>_t1.nii.gz, ...)"]
+    cases = []
     for case_dir in case_dirs:
+        problems += link_problems(case_dir)
         paths, missing = [], []
         for modality in BRATS_MODALITIES:
             path = _brats_file(case_dir, modality)
@@ -254,10 +258,10 @@ def _scan_volumes(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], 
     image_dir, mask_dir = folder / "images", folder / "masks"
     if not image_dir.is_dir():
         return [], [f"{folder}: no images/ folder (expected images/<name>.nii.gz + masks/)"]
-    problems: list[str] = []
+    problems: list[str] = link_problems(image_dir)
     images: dict[str, Path] = {}
     for path in _visible(image_dir):
-        if volume_format(path) is None:
+        if volume_format(path) is None or not path.exists():  # a dead link: reported above
             continue
         stem = volume_stem(path)
         if stem in images:
@@ -265,11 +269,13 @@ def _scan_volumes(folder: Path, require_masks: bool) -> tuple[list[LayoutCase], 
             continue
         images[stem] = path
     if not images:
-        return [], [f"{image_dir}: no volumes found (.nii.gz, .nii, .nrrd or DICOM folders)"]
+        found = f"{image_dir}: no volumes found (.nii.gz, .nii, .nrrd or DICOM folders)"
+        return [], [*problems, found]
     masks: dict[str, Path] = {}
     if mask_dir.is_dir():
+        problems += link_problems(mask_dir)
         for path in _visible(mask_dir):
-            if volume_format(path) is not None:
+            if volume_format(path) is not None and path.exists():
                 masks[volume_stem(path)] = path
     elif require_masks:
         problems.append(f"{mask_dir}: masks folder does not exist")
