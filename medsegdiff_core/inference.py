@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from .checkpoint import LoadedModel, atomic_write_bytes
 from .config import InferenceConfig
 from .data import (
+    OutputFolder,
     channels_to_labels,
     labels_to_channels,
     read_image,
@@ -132,6 +133,7 @@ def predict_folder(
     """
     from .data.layouts import SliceDataset, open_dataset
 
+    outputs = OutputFolder(out_dir, [folder])  # before reading: out_dir must not be the data
     dataset = open_dataset(
         folder,
         layout,
@@ -141,10 +143,14 @@ def predict_folder(
         require_masks=require_masks,
     )
     writer = (
-        _VolumeWriter(dataset, loaded.classes, out_dir)
+        _VolumeWriter(dataset, loaded.classes, outputs)
         if isinstance(dataset, SliceDataset)
-        else _PlanarWriter(dataset, loaded.classes, out_dir)
+        else _PlanarWriter(dataset, loaded.classes, outputs)
     )
+    scored = any(case.mask_path is not None for case in dataset.cases)
+    metrics = [out_dir / "metrics.json", out_dir / "metrics.txt"] if scored else []
+    for path in [*writer.planned(), *metrics]:
+        outputs.claim(path)  # a file in the way stops the run before any sampling, not midway
     model = loaded.model.to(device)
     segmented = 0
     for items, result in segment_dataset(
@@ -173,8 +179,9 @@ def predict_folder(
         merged = CaseMetrics.concat(writer.scores)
         rows, summary = case_rows(merged, writer.scored), summarize(merged)
         report = {"cases": rows, "summary": summary}
-        atomic_write_bytes(out_dir / "metrics.json", json.dumps(report, indent=2).encode())
-        (out_dir / "metrics.txt").write_text(format_table(rows, summary) + "\n")
+        metrics_json = outputs.claim(out_dir / "metrics.json")
+        atomic_write_bytes(metrics_json, json.dumps(report, indent=2).encode())
+        outputs.claim(out_dir / "metrics.txt").write_text(format_table(rows, summary) + "\n")
     return PredictionReport(out_dir, writer.cases, rows, summary)
 
 
@@ -199,18 +206,28 @@ def _score(
 class _PlanarWriter:
     """PNG mask, uncertainty and overlay per image; metrics where the image has a mask."""
 
-    def __init__(self, dataset: Any, classes: dict[str, list[int]], out_dir: Path) -> None:
-        self.dataset, self.classes, self.out_dir = dataset, classes, out_dir
+    _KINDS = ("masks", "uncertainty", "overlays")
+
+    def __init__(self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder) -> None:
+        self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
         self.scores: list[CaseMetrics] = []
         self.scored: list[str] = []
 
+    def _paths(self, name: str) -> list[Path]:
+        return [self.outputs.out_dir / kind / f"{name}.png" for kind in self._KINDS]
+
+    def planned(self) -> list[Path]:
+        """Every file this writer will write."""
+        return [path for case in self.dataset.cases for path in self._paths(case.name)]
+
     def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
         case = self.dataset.cases[index]
-        write_label_map(self.out_dir / "masks" / f"{case.name}.png", labels)
-        write_uncertainty(self.out_dir / "uncertainty" / f"{case.name}.png", uncertainty)
+        mask_path, uncertainty_path, overlay_path = map(self.outputs.claim, self._paths(case.name))
+        write_label_map(mask_path, labels)
+        write_uncertainty(uncertainty_path, uncertainty)
         image = read_image(case.image_path)
-        write_overlay(self.out_dir / "overlays" / f"{case.name}.png", image, labels)
+        write_overlay(overlay_path, image, labels)
         target = self.dataset.target_labels(index)
         if target is not None:
             self.scores.append(_score(labels, target, self.classes, str(case.mask_path)))
@@ -227,14 +244,22 @@ class _VolumeWriter:
     Items of a :class:`~.data.layouts.SliceDataset` come case by case, so one case is held in
     memory at a time."""
 
-    def __init__(self, dataset: Any, classes: dict[str, list[int]], out_dir: Path) -> None:
-        self.dataset, self.classes, self.out_dir = dataset, classes, out_dir
+    def __init__(self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder) -> None:
+        self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
         self.scores: list[CaseMetrics] = []
         self.scored: list[str] = []
         self._case: Any = None
         self._labels: dict[int, np.ndarray] = {}
         self._uncertainty: dict[int, np.ndarray] = {}
+
+    def _paths(self, case: str) -> list[Path]:
+        name = self.dataset.output_name(case)
+        return [self.outputs.out_dir / kind / name for kind in ("masks", "uncertainty")]
+
+    def planned(self) -> list[Path]:
+        """Every file this writer will write."""
+        return [path for case in self.dataset.volume_cases for path in self._paths(case)]
 
     def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
         case = self.dataset.cases[index]
@@ -249,7 +274,10 @@ class _VolumeWriter:
         case = self._case
         if case is None:
             return
-        self.dataset.write_prediction(self.out_dir, case.name, self._labels, self._uncertainty)
+        for path in self._paths(case.name):
+            self.outputs.claim(path)
+        out_dir = self.outputs.out_dir
+        self.dataset.write_prediction(out_dir, case.name, self._labels, self._uncertainty)
         if case.mask_path is not None:
             reference = self.dataset.reference(case.name)
             labels = self.dataset.assemble(case.name, self._labels)

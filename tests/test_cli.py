@@ -196,3 +196,41 @@ def test_config_and_architecture_errors(trained, tmp_path: Path) -> None:
     )
     result = run_cli("train", "--config", str(config))
     assert_one_line_error(result, "model.json", "mask_channels is 2, expected 3")
+
+
+def test_output_folder_may_not_overlap_the_input_or_overwrite_files(
+    trained, tmp_path: Path
+) -> None:
+    checkpoint, data = trained
+    common = ["--checkpoint", str(checkpoint), "--ensemble", "1", "--steps", "2"]
+    site = _bad_folder(tmp_path, data)  # a clean labelled folder: images/ and masks/
+    masks = {p: p.read_bytes() for p in sorted((site / "masks").iterdir())}
+
+    # --out the site itself would write the predictions over the ground truth (Dice 1.0)
+    result = run_cli("predict", *common, "--input", str(site), "--out", str(site))
+    assert_one_line_error(result, f"{site}: output folder is the input folder {site}")
+    result = run_cli("evaluate", *common, "--data", str(site), "--out", str(site / "eval"))
+    assert_one_line_error(result, str(site / "eval"), f"lies inside the input folder {site}")
+    result = run_cli("evaluate", *common, "--data", str(site), "--out", str(tmp_path))
+    assert_one_line_error(result, str(tmp_path), f"contains the input folder {site}")
+    link = tmp_path / "link"
+    link.symlink_to(site)  # the same folder under another name
+    result = run_cli("predict", *common, "--input", str(site), "--out", str(link))
+    assert_one_line_error(result, str(link), "is the input folder", str(site))
+    assert {p: p.read_bytes() for p in sorted((site / "masks").iterdir())} == masks
+
+    # a file the run did not write is never overwritten, and nothing is written at all
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    foreign = out / "overlays" / "case-0001.png"
+    foreign.write_bytes(b"someone else's file")
+    result = run_cli("evaluate", *common, "--data", str(site), "--out", str(out))
+    assert_one_line_error(result, f"{foreign}: already exists and this run did not write it")
+    assert foreign.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in out.rglob("*")) == ["case-0001.png", "overlays"]
+    foreign.unlink()
+    result = run_cli("evaluate", *common, "--data", str(site), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "metrics.json").is_file() and (out / "masks" / "case-0000.png").is_file()
+    result = run_cli("evaluate", *common, "--data", str(site), "--out", str(out))
+    assert_one_line_error(result, str(out / "masks" / "case-0000.png"), "not overwriting")

@@ -26,6 +26,7 @@ from .synthetic import (
 )
 from .writers import (
     OVERLAY_COLOURS,
+    OutputFolder,
     resize_label_map,
     resize_probability,
     write_label_map,
@@ -39,6 +40,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "OVERLAY_COLOURS",
     "Case",
+    "OutputFolder",
     "SegmentationFolder",
     "SiteStyle",
     "channels_to_labels",

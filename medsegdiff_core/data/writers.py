@@ -6,6 +6,7 @@ The model works at a fixed square size; these helpers bring its outputs back to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import DataError
+
 __all__ = [
     "OVERLAY_COLOURS",
+    "OutputFolder",
     "resize_label_map",
     "resize_probability",
     "write_label_map",
@@ -34,6 +38,68 @@ OVERLAY_COLOURS: tuple[tuple[int, int, int], ...] = (
 )
 """RGB colour of label value v in overlays: ``OVERLAY_COLOURS[(v - 1) % len(OVERLAY_COLOURS)]``.
 Greens and blues come first because they stand out against the reddish retina."""
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class OutputFolder:
+    """Where a run writes, kept apart from what it reads: a guard against losing data.
+
+    ``--out`` pointed at the site folder itself would write ``masks/<name>.png`` over the
+    ground-truth masks, and then score the prediction against itself (Dice 1.0). So the output
+    folder may not be, contain or lie inside an input folder (symbolic links resolved), and no
+    file that exists before the run is ever overwritten; files the same run wrote may be.
+
+    Args:
+        out_dir: The output folder.
+        inputs: The folders the run reads.
+
+    Raises:
+        DataError: The output folder overlaps an input folder (both are named).
+    """
+
+    def __init__(self, out_dir: Path, inputs: Sequence[Path]) -> None:
+        self.out_dir = Path(out_dir)
+        self._inputs = [(Path(folder), Path(folder).resolve()) for folder in inputs]
+        self._written: set[Path] = set()
+        out = self.out_dir.resolve()
+        for folder, resolved in self._inputs:
+            if out == resolved:
+                what = "is the input folder"
+            elif _within(out, resolved):
+                what = "lies inside the input folder"
+            elif _within(resolved, out):
+                what = "contains the input folder"
+            else:
+                continue
+            shown = f"{folder}" + (f" ({resolved})" if resolved != folder.absolute() else "")
+            raise DataError(
+                f"{self.out_dir}: output folder {what} {shown}; predictions would overwrite "
+                "the data they are scored against; choose an output folder outside it"
+            )
+
+    def claim(self, path: Path) -> Path:
+        """Return ``path`` if the run may write it; DataError naming it if it would overwrite a
+        file the run did not write, or land in an input folder through a linked sub-folder."""
+        path = Path(path)
+        resolved = path.resolve()
+        if resolved in self._written:
+            return path
+        for folder, input_dir in self._inputs:
+            if _within(resolved, input_dir):
+                raise DataError(
+                    f"{path}: would be written inside the input folder {folder} (via a "
+                    "symbolic link); not writing there"
+                )
+        if path.exists() or path.is_symlink():
+            raise DataError(
+                f"{path}: already exists and this run did not write it; not overwriting "
+                "(choose an empty output folder or remove the file)"
+            )
+        self._written.add(resolved)
+        return path
 
 
 def resize_label_map(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
