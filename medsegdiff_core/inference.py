@@ -22,7 +22,7 @@ from .data import (
     OutputFolder,
     channels_to_labels,
     labels_to_channels,
-    read_image,
+    read_display_image,
     resize_probability,
     write_label_map,
     write_overlay,
@@ -164,13 +164,14 @@ def predict_folder(
     ):
         for offset, item in enumerate(items):
             size = tuple(item["original_size"])
+            # One full-size (M, H, W) float32 map alive at a time: each is dropped as soon as it
+            # is reduced to the (H, W) map written (a large image's maps are GBs each).
             probability = resize_probability(result.probability[offset].cpu().numpy(), size)
+            labels = channels_to_labels(probability >= cfg.threshold, loaded.classes)
+            del probability
             uncertainty = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
-            writer.add(
-                segmented,
-                channels_to_labels(probability >= cfg.threshold, loaded.classes),
-                uncertainty.max(0),
-            )
+            writer.add(segmented, labels, uncertainty.max(0))
+            del uncertainty
             segmented += 1
     writer.close()
     rows: list[dict[str, Any]] = []
@@ -226,8 +227,8 @@ class _PlanarWriter:
         mask_path, uncertainty_path, overlay_path = map(self.outputs.claim, self._paths(case.name))
         write_label_map(mask_path, labels)
         write_uncertainty(uncertainty_path, uncertainty)
-        image = read_image(case.image_path)
-        write_overlay(overlay_path, image, labels)
+        # uint8 as on disk: the overlay needs no float copy of the image.
+        write_overlay(overlay_path, read_display_image(case.image_path), labels)
         target = self.dataset.target_labels(index)
         if target is not None:
             self.scores.append(_score(labels, target, self.classes, str(case.mask_path)))

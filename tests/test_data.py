@@ -20,6 +20,7 @@ from medsegdiff_core.data import (
     find_cases,
     labels_to_channels,
     make_fundus_case,
+    read_display_image,
     read_image,
     read_label_map,
     resize_label_map,
@@ -503,3 +504,57 @@ def _as_uint8_rgb(picture: np.ndarray) -> np.ndarray:
         return picture
     rgb = picture if picture.shape[0] == 3 else np.repeat(picture, 3, axis=0)
     return np.rint(rgb.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def _peak_bytes_per_pixel(pixels: int, run) -> float:
+    """Peak bytes NumPy allocates in ``run()``, per pixel (tracemalloc sees NumPy's buffers)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1] / pixels
+    finally:
+        tracemalloc.stop()
+
+
+def test_large_image_paths_use_uint8_and_float32_not_float64(tmp_path: Path) -> None:
+    # An 8000 x 8000 photo costs 192 MB as uint8 and 1.5 GB per float64 copy: reading it, the
+    # overlay, the label map and the uncertainty map must stay within a few bytes per pixel.
+    size, pixels = 1000, 1000 * 1000
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    image = read_image(tmp_path / "big.png")
+    assert image.dtype == np.float32 and image.shape == (3, size, size)
+    assert np.array_equal(image, (rgb.transpose(2, 0, 1) / 255.0).astype(np.float32))
+    shown = read_display_image(tmp_path / "big.png")
+    assert shown.dtype == np.uint8 and np.array_equal(shown, rgb)
+    labels = np.zeros((size, size), np.uint8)
+    labels[200:800, 200:800], labels[400:600, 400:600] = 1, 2
+    bits = labels_to_channels(labels, FUNDUS_CLASSES, source="x") > 0.5
+    unc = rng.random((size, size), dtype=np.float32)
+
+    assert _peak_bytes_per_pixel(pixels, lambda: read_image(tmp_path / "big.png")) < 20  # was 60
+    assert _peak_bytes_per_pixel(pixels, lambda: read_display_image(tmp_path / "big.png")) < 8
+    out = tmp_path / "o.png"
+    assert _peak_bytes_per_pixel(pixels, lambda: write_overlay(out, shown, labels)) < 20  # was 100
+    assert _peak_bytes_per_pixel(pixels, lambda: channels_to_labels(bits, FUNDUS_CLASSES)) < 4
+    assert _peak_bytes_per_pixel(pixels, lambda: write_uncertainty(out, unc)) < 12  # was 24
+    # the overlay drawn on the uint8 image is the one drawn on the float image
+    from_uint8 = np.asarray(Image.open(write_overlay(tmp_path / "u8.png", shown, labels)))
+    from_float = np.asarray(Image.open(write_overlay(tmp_path / "f32.png", image, labels)))
+    assert np.array_equal(from_uint8, from_float)
+    assert np.array_equal(from_uint8[labels == 0], rgb[labels == 0])
+
+
+def test_channels_to_labels_lookup_matches_per_pixel_distances() -> None:
+    rng = np.random.default_rng(4)
+    many = {f"c{i}": [i + 1] for i in range(13)}  # more classes than the lookup table takes
+    for classes in (FUNDUS_CLASSES, BRATS_CLASSES, {"a": [1, 3], "b": [2, 3], "c": [3]}, many):
+        bits = rng.random((len(classes), 37, 41)) < 0.4
+        labels = np.asarray([0, *sorted({v for vs in classes.values() for v in vs})])
+        member = np.stack([np.isin(labels, v) for v in classes.values()], axis=1)  # (L, M)
+        distance = (member[:, :, None, None] != bits[None]).sum(axis=1)  # (L, H, W)
+        expected = labels[np.argmin(distance, axis=0)]  # ties: the lower label
+        assert np.array_equal(channels_to_labels(bits, classes), expected)

@@ -13,6 +13,7 @@ from .folder import (
     check_folder,
     find_cases,
     labels_to_channels,
+    read_display_image,
     read_image,
     read_label_map,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "find_cases",
     "labels_to_channels",
     "make_fundus_case",
+    "read_display_image",
     "read_image",
     "read_label_map",
     "resize_label_map",

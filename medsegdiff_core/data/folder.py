@@ -37,6 +37,7 @@ __all__ = [
     "find_cases",
     "labels_to_channels",
     "link_problems",
+    "read_display_image",
     "read_image",
     "read_label_map",
 ]
@@ -185,6 +186,41 @@ def _open_fully(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({reason})") from error
 
 
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _as_8bit(image: Image.Image) -> Image.Image:
+    """An 8-bit image as grey ("L") or RGB; alpha, palettes and other colour spaces converted."""
+    if image.mode in ("1", "LA", "La"):
+        return image.convert("L")
+    return image if image.mode in ("L", "RGB") else image.convert("RGB")
+
+
+def _to_float(image: Image.Image) -> np.ndarray:
+    """A decoded image as float32 (C, H, W) in [0, 1], never through float64: a float64 copy of
+    an 8000 x 8000 photo is 1.5 GB, and the model works in float32 anyway."""
+    mode = image.mode
+    if mode in _HIGH_DEPTH_MODES:
+        array = np.divide(np.asarray(image), np.float32(65535.0), dtype=np.float32)
+        return np.clip(array, 0.0, 1.0, out=array)[None]
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32).copy()
+        low, high = float(array.min()), float(array.max())
+        if high > low:
+            array -= low
+            array /= high - low
+        else:
+            array[...] = 0.0
+        return np.clip(array, 0.0, 1.0, out=array)[None]
+    pixels = np.asarray(_as_8bit(image))
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    # One float32 plane per channel, written in place: (C, H, W) without a transposed copy.
+    out = np.empty((pixels.shape[2], *pixels.shape[:2]), np.float32)
+    for channel in range(pixels.shape[2]):
+        np.divide(pixels[..., channel], np.float32(255.0), out=out[channel])
+    return out
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image as float32 (C, H, W) scaled to [0, 1].
 
@@ -194,22 +230,21 @@ def read_image(path: Path) -> np.ndarray:
     Raises:
         DataError: The file is missing, truncated, corrupt or not an image.
     """
+    return _to_float(_open_fully(Path(path)))
+
+
+def read_display_image(path: Path) -> np.ndarray:
+    """Read an image as it is drawn under an overlay: uint8 (H, W) grey or (H, W, 3) RGB for
+    8-bit files, whose pixels need no arithmetic (a fifth of float32's memory); 16-bit and
+    floating-point files as :func:`read_image` scales them.
+
+    Raises:
+        DataError: As :func:`read_image`.
+    """
     image = _open_fully(Path(path))
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64) / 65535.0
-    elif mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
-    else:
-        if mode in ("1", "LA", "La"):
-            image = image.convert("L")
-        elif mode != "L":
-            image = image.convert("RGB")  # RGBA, palette, CMYK, YCbCr ...
-        array = np.asarray(image, dtype=np.float64) / 255.0
-    array = np.clip(array, 0.0, 1.0).astype(np.float32)
-    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+    if image.mode in _HIGH_DEPTH_MODES or image.mode == "F":
+        return _to_float(image)
+    return np.asarray(_as_8bit(image))
 
 
 def read_label_map(path: Path) -> np.ndarray:
@@ -319,10 +354,22 @@ def channels_to_labels(channels: np.ndarray, classes: Mapping[str, Sequence[int]
     # membership[l, m]: label l is in class m.
     membership = np.stack([np.isin(labels, list(v)) for v in classes.values()], axis=1)
     member = membership.astype(np.int32)
-    flat = bits.reshape(len(classes), -1).astype(np.int32)
-    distance = member @ (1 - flat) + (1 - member) @ flat  # (L, H*W)
-    nearest = np.argmin(distance, axis=0)  # first minimum: the lower label wins ties
-    return labels[nearest].astype(np.uint8).reshape(channels.shape[1:])
+    if len(classes) > 12:  # too many bit patterns to tabulate: per-pixel distances
+        flat = bits.reshape(len(classes), -1).astype(np.int32)
+        distance = member @ (1 - flat) + (1 - member) @ flat  # (L, H*W)
+        nearest = np.argmin(distance, axis=0)  # first minimum: the lower label wins ties
+        return labels[nearest].astype(np.uint8).reshape(channels.shape[1:])
+    # A pixel's label depends only on its channel bits: solve the 2^M patterns once and look
+    # every pixel up, in uint8/uint16, instead of int32/int64 distances per pixel and label
+    # (gigabytes for an 8000 x 8000 image).
+    code_type = np.uint8 if len(classes) <= 8 else np.uint16
+    codes = np.zeros(bits.shape[1:], code_type)
+    for m in range(len(classes)):
+        codes |= bits[m].astype(code_type) << code_type(m)
+    patterns = (np.arange(2 ** len(classes))[:, None] >> np.arange(len(classes))) & 1  # (P, M)
+    distance = member @ (1 - patterns.T) + (1 - member) @ patterns.T  # (L, P)
+    table = labels[np.argmin(distance, axis=0)].astype(np.uint8)  # first minimum: lower label
+    return table[codes]
 
 
 # --------------------------------------------------------------------------------------------

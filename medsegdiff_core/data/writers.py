@@ -40,6 +40,9 @@ OVERLAY_COLOURS: tuple[tuple[int, int, int], ...] = (
 Greens and blues come first because they stand out against the reddish retina."""
 
 
+_BAND_PIXELS = 1 << 18  # pixels per band of rows blended at once in overlays (~10 MB of floats)
+
+
 def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
@@ -152,11 +155,14 @@ def write_label_map(path: Path, labels: np.ndarray) -> Path:
 
 def write_uncertainty(path: Path, unc: np.ndarray) -> Path:
     """Write an (H, W) uncertainty map in [0, 1] as a grey PNG (255 = most uncertain)."""
-    unc = np.asarray(unc, dtype=np.float64)
+    unc = np.asarray(unc)
     if unc.ndim != 2:
         raise ValueError(f"uncertainty must be (H, W), got shape {unc.shape}")
-    grey = np.rint(np.clip(np.nan_to_num(unc, nan=1.0), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return _save(path, grey)
+    # float32 and in place: the map is as large as the image (64 M pixels for 8000 x 8000).
+    grey = np.nan_to_num(unc.astype(np.float32), nan=1.0, copy=False)
+    np.clip(grey, 0.0, 1.0, out=grey)
+    grey *= 255.0
+    return _save(path, np.rint(grey, out=grey).astype(np.uint8))
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -173,9 +179,14 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {image.shape}")
     # Not RGB (e.g. MRI modalities): show the first channel in grey.
-    rgb = image[:3] if image.shape[0] == 3 else np.repeat(image[:1], 3, axis=0)
-    rgb = np.clip(np.nan_to_num(rgb.astype(np.float64)), 0.0, 1.0)
-    return np.rint(rgb.transpose(1, 2, 0) * 255.0).astype(np.uint8)
+    planes = image[:3] if image.shape[0] == 3 else image[:1].repeat(3, axis=0)
+    rgb = np.empty((*planes.shape[1:], 3), np.uint8)
+    for channel, plane in enumerate(planes):  # one float32 plane at a time, never float64
+        value = np.nan_to_num(plane.astype(np.float32), copy=False)
+        np.clip(value, 0.0, 1.0, out=value)
+        value *= 255.0
+        rgb[..., channel] = np.rint(value, out=value)
+    return rgb
 
 
 def _contours(labels: np.ndarray) -> np.ndarray:
@@ -199,7 +210,8 @@ def write_overlay(
     Args:
         path: Output PNG; parent folders are created.
         image: (C, H, W) floats in [0, 1] (grey, RGB, or other channels of which the first is
-            shown), or a uint8 (H, W, 3) RGB image.
+            shown), or a uint8 (H, W, 3) RGB or (H, W) grey image (as
+            :func:`~.folder.read_display_image` reads it).
         labels: (H, W) label map of the same size; each non-zero value gets a colour from
             :data:`OVERLAY_COLOURS`.
         alpha: Opacity of the label tint inside regions; contours are opaque.
@@ -207,16 +219,30 @@ def write_overlay(
     Returns:
         The written path.
     """
-    rgb = _as_rgb_uint8(image).astype(np.float64)
+    rgb = _as_rgb_uint8(image)
     labels = np.asarray(labels)
     if labels.shape != rgb.shape[:2]:
         raise ValueError(f"labels are {labels.shape} but the image is {rgb.shape[:2]}")
-    colours = np.zeros((int(labels.max(initial=0)) + 1, 3))
+    colours = np.zeros((int(labels.max(initial=0)) + 1, 3), np.float32)
     for value in range(1, len(colours)):
         colours[value] = OVERLAY_COLOURS[(value - 1) % len(OVERLAY_COLOURS)]
-    tint = colours[np.clip(labels, 0, None).astype(np.int64)]
+    edges = _contours(labels)
+    out = np.empty_like(rgb)
+    # Blend in bands of rows: the float maths then needs a few MB, not 3 GB for 8000 x 8000.
+    rows = max(1, _BAND_PIXELS // max(1, labels.shape[1]))
+    for top in range(0, labels.shape[0], rows):
+        band = slice(top, top + rows)
+        out[band] = _blend(rgb[band], labels[band], edges[band], colours, alpha)
+    return _save(path, out)
+
+
+def _blend(
+    rgb: np.ndarray, labels: np.ndarray, edges: np.ndarray, colours: np.ndarray, alpha: float
+) -> np.ndarray:
+    """uint8 RGB of a band: labels tinted at ``alpha``, contours in solid colour."""
+    tint = colours[np.clip(labels, 0, None).astype(np.intp)]
     inside = (labels != 0)[..., None]
-    out = np.where(inside, (1 - alpha) * rgb + alpha * tint, rgb)
+    mixed = np.where(inside, np.float32(1 - alpha) * rgb + np.float32(alpha) * tint, rgb)
     # Solid contours show the predicted boundary even where the tint is hard to see.
-    out = np.where(_contours(labels)[..., None], tint, out)
-    return _save(path, np.rint(out).astype(np.uint8))
+    mixed = np.where(edges[..., None], tint, mixed)
+    return np.rint(mixed).astype(np.uint8)
