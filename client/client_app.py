@@ -163,6 +163,7 @@ def _train_private(
         log(WARNING, "%s declines round %d: %s", site.name, server_round, decision.reason)
         record = privacy_record(
             plan,
+            delta=decision.delta,
             epsilon=decision.spent,
             rounds_trained=ledger.rounds_trained(),
             decision=decision,
@@ -194,7 +195,7 @@ def _train_private(
     )
     ledger.complete(decision.entry, stats.history)
     _keep_optimizer(optimizer, site, run_uid, server_round)
-    epsilon = ledger.epsilon(plan.delta)
+    epsilon = ledger.epsilon()
     log(
         INFO,
         "%s round %d under DP: epsilon %.4g of %g spent (delta %.3g%s, noise %.4g, q %.4g)",
@@ -202,8 +203,8 @@ def _train_private(
         server_round,
         epsilon,
         plan.target_epsilon,
-        plan.delta,
-        " = min(1e-5, 0.1/N)" if plan.delta_is_default else "",
+        decision.delta,
+        " (pinned at the site's first DP round)" if decision.delta != plan.delta else "",
         plan.noise_multiplier,
         plan.sample_rate,
     )
@@ -215,6 +216,7 @@ def _train_private(
     }
     record = privacy_record(
         plan,
+        delta=decision.delta,
         epsilon=epsilon,
         rounds_trained=ledger.rounds_trained(),
         grad_sample_mode=privacy.grad_sample_mode,

@@ -64,6 +64,7 @@ def site_ledger(site: Site, node_config: Mapping[str, Any]) -> PrivacyLedger:
 def privacy_record(
     plan: PrivacyPlan | None,
     *,
+    delta: float | None = None,
     epsilon: float = 0.0,
     rounds_trained: int = 0,
     decision: BudgetDecision | None = None,
@@ -72,6 +73,8 @@ def privacy_record(
     empty_batches: int = 0,
 ) -> dict[str, Any]:
     """The ``privacy`` ConfigRecord of a train reply: DP off, or the epsilon spent so far.
+
+    ``delta`` is the one the site's ledger pinned (the plan's when not given).
 
     Kept out of the ``metrics`` record on purpose: Flower averages metrics across sites and
     requires every site's metrics to have the same keys, and a site without DP has no epsilon.
@@ -84,7 +87,7 @@ def privacy_record(
         "declined": declined,
         "reason": decision.reason if declined and decision is not None else "",
         "epsilon": float(epsilon),
-        "delta": plan.delta,
+        "delta": plan.delta if delta is None else delta,
         "delta-default": plan.delta_is_default,
         "target-epsilon": plan.target_epsilon,
         "noise-multiplier": plan.noise_multiplier,

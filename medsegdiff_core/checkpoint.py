@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -73,6 +75,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def tensors_from_bytes(data: bytes, *, source: Path) -> dict[str, torch.Tensor]:
+    """Load safetensors bytes already in memory (e.g. verified against a signed digest)."""
+    try:
+        return load_safetensors_bytes(data)
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"{source}: not a readable safetensors file ({exc})") from None
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -177,9 +187,17 @@ def read_sidecar(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """Find and parse a checkpoint's JSON sidecar (``path`` may be the folder, .json or weights)."""
     json_path = _sidecar_path(Path(path))
     try:
-        sidecar = json.loads(json_path.read_text())
+        raw = json_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{json_path}: checkpoint sidecar not found") from None
+    return json_path, parse_sidecar(raw, source=json_path)
+
+
+def parse_sidecar(raw: bytes, *, source: Path) -> dict[str, Any]:
+    """A sidecar's JSON, checked to be one this package can read; errors name ``source``."""
+    json_path = source
+    try:
+        sidecar = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{json_path}: sidecar is not valid JSON ({exc})") from None
     if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
@@ -189,7 +207,18 @@ def read_sidecar(path: str | Path) -> tuple[Path, dict[str, Any]]:
             f"{json_path}: format version {sidecar['format_version']} is newer than this "
             f"package understands ({FORMAT_VERSION}); upgrade fedmedsegdiff"
         )
-    return json_path, sidecar
+    return sidecar
+
+
+def is_plain_file_name(name: object) -> bool:
+    """A bare file name: no folder part, nothing that could lead outside its folder."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
 
 
 def _weights_path(json_path: Path, sidecar: dict[str, Any]) -> Path:
@@ -197,20 +226,18 @@ def _weights_path(json_path: Path, sidecar: dict[str, Any]) -> Path:
 
     A path ("../../etc/passwd", "/abs/file", "sub/w.safetensors") would let a checkpoint from
     another site make us open any file, so anything but a bare name is refused."""
+    name = weights_name(json_path, sidecar)
+    return json_path.with_name(name)
+
+
+def weights_name(json_path: Path, sidecar: dict[str, Any]) -> str:
     name = sidecar.get("weights", json_path.stem + ".safetensors")
-    plain = (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\0" not in name
-    )
-    if not plain:
+    if not is_plain_file_name(name):
         raise CheckpointError(
             f"{json_path}: key 'weights' must be a plain file name in the checkpoint's folder, "
             f"got {name!r}"
         )
-    return json_path.with_name(name)
+    return name
 
 
 def check_architecture(found: UNetSpec, expected: UNetSpec, *, source: str | Path) -> None:
@@ -237,6 +264,25 @@ def load_checkpoint(
             asks for); any difference is an error naming the fields.
     """
     json_path, sidecar = read_sidecar(path)
+    return model_from_sidecar(
+        json_path,
+        sidecar,
+        lambda: load_tensors(_weights_path(json_path, sidecar)),
+        expected=expected,
+        device=device,
+    )
+
+
+def model_from_sidecar(
+    json_path: Path,
+    sidecar: dict[str, Any],
+    read_weights: Callable[[], dict[str, torch.Tensor]],
+    *,
+    expected: UNetSpec | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build the network a parsed sidecar describes and load the weights ``read_weights``
+    returns (from a file, or from bytes already verified; see :mod:`.release`)."""
     try:
         spec = UNetSpec.from_dict(sidecar["architecture"])
         diffusion = DiffusionConfig.model_validate(sidecar["diffusion"])
@@ -247,7 +293,7 @@ def load_checkpoint(
     if expected is not None:
         check_architecture(spec, expected, source=json_path)
     weights_path = _weights_path(json_path, sidecar)
-    state = load_tensors(weights_path)
+    state = read_weights()
     model = MedSegDiffUNet(spec)
     own = model.state_dict()
     problems = [f"missing {k}" for k in own.keys() - state.keys()][:3]

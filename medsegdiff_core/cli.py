@@ -97,6 +97,20 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", type=Path, help="checkpoint .json (or its folder)")
     source.add_argument("--release", type=Path, help="signed release folder (needs --public-key)")
     parser.add_argument("--public-key", type=Path, help="trusted key that signed the release")
+    parser.add_argument(
+        "--release-name", help="the release name you expect (with --release; e.g. fundus)"
+    )
+    parser.add_argument(
+        "--allow-older",
+        action="store_true",
+        help="accept a release older than the newest this site has verified",
+    )
+    parser.add_argument(
+        "--trust-file",
+        type=Path,
+        help="where the newest verified version of each release is kept "
+        "(default: $FEDMEDSEGDIFF_STATE_DIR or ~/.local/state/fedmedsegdiff)",
+    )
 
 
 def _inference_config(args: argparse.Namespace, defaults):
@@ -146,12 +160,22 @@ def _run_predict(args: argparse.Namespace, *, require_masks: bool) -> None:
 
     device = pick_device(args.device)
     if args.release is not None:
-        from .release import load_release
+        from .release import TrustStore, default_trust_path, load_release
 
         if args.public_key is None:
             raise MedSegDiffError("--release needs --public-key: the key you trust to sign it")
-        loaded = load_release(args.release, args.public_key, device=device)
-        print(f"verified release {args.release}")
+        if not args.release_name:
+            raise MedSegDiffError("--release needs --release-name: the release you expect")
+        loaded = load_release(
+            args.release,
+            args.public_key,
+            expected_name=args.release_name,
+            trust=TrustStore(args.trust_file or default_trust_path()),
+            allow_older=args.allow_older,
+            device=device,
+        )
+        card = loaded.metadata["release"]
+        print(f"verified release {card['name']} v{card['version']} ({args.release})")
     else:
         loaded = load_checkpoint(args.checkpoint, device=device)
     cfg = _inference_config(args, loaded.inference)
@@ -181,7 +205,9 @@ def _run_release(args: argparse.Namespace) -> None:
     from . import release
 
     if args.release_command == "verify":
-        manifest = release.verify_release(args.release, release.load_public_key(args.public_key))
+        manifest = release.verify_release(
+            args.release, release.load_public_key(args.public_key)
+        ).manifest
         print(
             f"OK: {args.release} is {manifest['name']} v{manifest['version']}, "
             f"{len(manifest['files'])} files, signature valid"
@@ -189,13 +215,17 @@ def _run_release(args: argparse.Namespace) -> None:
     elif args.release_command == "create":
         card = json.loads(args.card.read_text()) if args.card else {}
         path = release.write_release(
-            args.checkpoint, args.out, args.name, card, release.load_private_key(args.key)
+            args.checkpoint,
+            args.out,
+            args.name,
+            card,
+            release.load_private_key(args.key, release.passphrase_from_env()),
         )
         print(f"released {path}")
     elif args.release_command == "keygen":
         if args.key.exists():
             raise MedSegDiffError(f"{args.key}: already exists; not overwriting a signing key")
-        release.generate_signing_key(args.key)
+        release.generate_signing_key(args.key, release.passphrase_from_env())
         print(f"wrote {args.key} and {release.public_path(args.key)}")
 
 

@@ -189,6 +189,12 @@ class FederationConfig(_Section):
     norm_outlier_factor: float = Field(
         10.0, gt=1, description="reject updates whose norm exceeds this times the round median"
     )
+    max_weight_ratio: float = Field(
+        10.0,
+        ge=1,
+        description="a site's claimed num-examples is capped at this times the round's median "
+        "claim (and at its first claim in the run)",
+    )
     round_timeout_s: float = Field(3600.0, gt=0)
     release_name: str = Field("fedmedsegdiff", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -225,7 +231,7 @@ class PrivacyConfig(_Section):
         "vmap", description="how per-sample gradients are computed (see bench/privacy.py)"
     )
     central: bool = Field(
-        False, description="server: central DP on the aggregate (Flower, fixed clipping)"
+        False, description="server: central DP on the aggregate (fixed clipping, k sampled sites)"
     )
     central_noise_multiplier: float = Field(1.0, ge=0, description="central noise std / clip")
     central_clipping_norm: float | None = Field(

@@ -194,7 +194,7 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     exactly as Opacus' RDP accountant computes it (``inf`` when any entry had no noise)."""
     from opacus.accountants import RDPAccountant
 
-    history = [tuple(entry) for entry in history if entry[2] > 0]
+    history = merge_history(history)
     if not history:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
@@ -202,6 +202,17 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = history
     return float(accountant.get_epsilon(delta=delta))
+
+
+def merge_history(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """One entry per (noise, sample rate), steps summed: RDP composes additively, so the
+    epsilon is the same, and a site's accounting costs the same in round 1000 as in round 1
+    (every round of a plan repeats the same pair)."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, rate, n in history:
+        if n > 0:
+            steps[(float(sigma), float(rate))] = steps.get((float(sigma), float(rate)), 0) + int(n)
+    return [(sigma, rate, n) for (sigma, rate), n in steps.items()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +273,10 @@ class PrivacyLedger:
     after training — would forget a round whose update left the site just before a crash, and
     an error reply (a loss that became NaN, say) is itself an output that depends on the data.
 
+    The delta is pinned at the site's first DP round (the ledger's ``delta``) and every later
+    round is judged, and its epsilon reported, at that delta: a later plan with a larger delta
+    (still below ``1/N``) would otherwise report less spent and admit more rounds.
+
     Reads and the check-then-reserve step run under an exclusive file lock, so two processes of
     one site cannot both pass the budget check; writes are atomic (temp file + ``os.replace``).
     """
@@ -279,41 +294,53 @@ class PrivacyLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read(self) -> list[LedgerEntry]:
+    def _read(self) -> tuple[list[LedgerEntry], float | None]:
+        """The entries and the pinned delta (None before the first DP round)."""
         if not self.path.exists():
-            return []
+            return [], None
         try:
             data = json.loads(self.path.read_text())
             if data.get("format") != LEDGER_FORMAT or data.get("version") != LEDGER_VERSION:
                 raise ValueError(f"not a version {LEDGER_VERSION} {LEDGER_FORMAT} file")
             entries = [LedgerEntry(**item) for item in data["entries"]]
+            delta = data.get("delta")
+            if delta is not None and not (isinstance(delta, float) and 0 < delta < 1):
+                raise ValueError(f"delta {delta!r} is not a number in (0, 1)")
         except (ValueError, KeyError, TypeError) as exc:
             raise PrivacyLedgerError(
                 f"{self.path}: privacy ledger is unreadable ({exc}); the site refuses to train "
                 "under DP rather than lose track of the budget it has spent"
             ) from None
-        return entries
+        return entries, delta
 
-    def _write(self, entries: list[LedgerEntry]) -> None:
+    def _write(self, entries: list[LedgerEntry], delta: float | None) -> None:
         payload = {
             "format": LEDGER_FORMAT,
             "version": LEDGER_VERSION,
             "accountant": "rdp (opacus)",
+            "delta": delta,
             "entries": [vars(e) for e in entries],
         }
         atomic_write_bytes(self.path, json.dumps(payload, indent=2).encode())
 
     def entries(self) -> list[LedgerEntry]:
         with self._locked():
-            return self._read()
+            return self._read()[0]
+
+    def delta(self) -> float | None:
+        """The delta pinned at the site's first DP round, at which all epsilons are stated."""
+        with self._locked():
+            return self._read()[1]
 
     def history(self) -> list[tuple[float, float, int]]:
         """The accountant's history: ``(noise_multiplier, sample_rate, steps)`` per attempt."""
         return [e.history() for e in self.entries()]
 
-    def epsilon(self, delta: float) -> float:
-        """Epsilon spent so far at ``delta`` (0 before the first DP round)."""
-        return epsilon_of(self.history(), delta)
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the pinned delta (0 before the first DP round)."""
+        with self._locked():
+            entries, delta = self._read()
+        return epsilon_of([e.history() for e in entries], delta) if delta is not None else 0.0
 
     def rounds_trained(self) -> int:
         return len({e.round for e in self.entries()})
@@ -322,12 +349,19 @@ class PrivacyLedger:
         """Grant the round if the spent epsilon plus this round's stays within the budget, and
         then record it as ``started``; otherwise decline and record nothing."""
         with self._locked():
-            entries = self._read()
+            entries, pinned = self._read()
+            delta = plan.delta if pinned is None else pinned
+            if delta >= 1.0 / plan.num_examples:
+                raise PrivacyLedgerError(
+                    f"{self.path}: the site's delta {delta:g}, pinned at its first DP round, is "
+                    f"not below 1/N = {1.0 / plan.num_examples:g} for its N = "
+                    f"{plan.num_examples} training slices now"
+                )
             history = [e.history() for e in entries]
-            spent = epsilon_of(history, plan.delta)
-            after = epsilon_of(history + plan.round_history(), plan.delta)
+            spent = epsilon_of(history, delta)
+            after = epsilon_of(history + plan.round_history(), delta)
             if not after <= plan.target_epsilon * (1 + _ROUNDING):
-                return BudgetDecision(False, spent, after, plan.target_epsilon, plan.delta)
+                return BudgetDecision(False, spent, after, plan.target_epsilon, delta)
             entry = LedgerEntry(
                 id=uuid.uuid4().hex,
                 round=server_round,
@@ -336,8 +370,8 @@ class PrivacyLedger:
                 steps=plan.steps,
                 num_examples=plan.num_examples,
             )
-            self._write([*entries, entry])
-        return BudgetDecision(True, spent, after, plan.target_epsilon, plan.delta, entry)
+            self._write([*entries, entry], delta)
+        return BudgetDecision(True, spent, after, plan.target_epsilon, delta, entry)
 
     def complete(self, entry: LedgerEntry, history: list[tuple[float, float, int]]) -> None:
         """Mark a reserved attempt done with the history Opacus' accountant recorded while
@@ -357,14 +391,14 @@ class PrivacyLedger:
                 f"{self.path}: training took {steps} DP steps, more than the {entry.steps} reserved"
             )
         with self._locked():
-            entries = self._read()
+            entries, delta = self._read()
             for item in entries:
                 if item.id == entry.id:
                     item.steps, item.status, item.completed_at = steps, "completed", time.time()
                     break
             else:
                 raise PrivacyLedgerError(f"{self.path}: reserved entry {entry.id} is missing")
-            self._write(entries)
+            self._write(entries, delta)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,17 @@ A release is a folder ``<name>-v<N>/`` holding
 
 :func:`verify_release` checks the signature against a public key the hospital already holds (never
 one shipped inside the release, which an attacker could replace along with the files), then
-every digest, and that no listed file is missing and no unlisted file is present. Only then is a
-byte of the weights loaded.
+every digest, and that no listed file is missing and no unlisted file is present. Each file is
+read once: the bytes whose digest was checked are the bytes the model is built from, so a file
+swapped on disk after verification is never used.
+
+:func:`load_release` also checks *which* release it is: the manifest's name must be the one the
+site expects, and its version may not be lower than the newest the site has verified before
+(kept in a small trust file, :class:`TrustStore`), so an older signed release cannot be passed
+off as the current one.
+
+Signing keys are written mode 0600 and, when a passphrase is given (the server reads
+``FEDMEDSEGDIFF_SIGNING_KEY_PASSPHRASE``), encrypted; a key that others can read is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import hashlib
 import json
 import os
 import re
+import stat
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,22 +38,42 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .checkpoint import LoadedModel, atomic_write_bytes, load_checkpoint
+from .checkpoint import (
+    LoadedModel,
+    atomic_write_bytes,
+    is_plain_file_name,
+    model_from_sidecar,
+    parse_sidecar,
+    tensors_from_bytes,
+    weights_name,
+)
 from .errors import CheckpointError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+PASSPHRASE_ENV = "FEDMEDSEGDIFF_SIGNING_KEY_PASSPHRASE"
 
 
 class ReleaseError(CheckpointError):
     """A release is missing, altered, or not signed by the trusted key."""
 
 
-def generate_signing_key(path: Path) -> Ed25519PublicKey:
-    """Write a new Ed25519 private key (PEM, mode 0600) and its public key beside it (``.pub``)."""
+def passphrase_from_env() -> bytes | None:
+    value = os.environ.get(PASSPHRASE_ENV)
+    return value.encode() if value else None
+
+
+def generate_signing_key(path: Path, passphrase: bytes | None = None) -> Ed25519PublicKey:
+    """Write a new Ed25519 private key (PEM, mode 0600; encrypted when a passphrase is given)
+    and its public key beside it (``.pub``)."""
     key = Ed25519PrivateKey.generate()
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -61,12 +92,27 @@ def public_path(private_key_path: Path) -> Path:
     return private_key_path.with_name(private_key_path.name + ".pub")
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+    """Read a signing key; refuse one that group or others may read (as ssh does)."""
+    path = Path(path)
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        mode = path.stat().st_mode
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ReleaseError(f"{path}: signing key not found") from None
-    except (ValueError, TypeError) as exc:
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ReleaseError(
+            f"{path}: signing key is readable by others (mode {stat.S_IMODE(mode):04o}); "
+            f"run chmod 600 {path}"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError:
+        needs = "is encrypted: set" if passphrase is None else "is not encrypted: unset"
+        raise ReleaseError(f"{path}: signing key {needs} {PASSPHRASE_ENV}") from None
+    except ValueError as exc:
+        if passphrase is not None and b"ENCRYPTED" in data:
+            raise ReleaseError(f"{path}: wrong passphrase in {PASSPHRASE_ENV}") from None
         raise ReleaseError(f"{path}: not a PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ReleaseError(f"{path}: not an Ed25519 private key")
@@ -164,8 +210,25 @@ def _read_checkpoint_files(checkpoint: Path) -> tuple[Path, dict[str, Any]]:
     return read_sidecar(checkpoint)
 
 
-def verify_release(release: Path, public_key: Ed25519PublicKey) -> dict[str, Any]:
-    """Check a release's signature and every file's digest; return its manifest.
+@dataclass(frozen=True)
+class VerifiedRelease:
+    """A release whose signature and digests checked out, with the bytes that were checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+
+def verify_release(release: Path, public_key: Ed25519PublicKey) -> VerifiedRelease:
+    """Check a release's signature and every file's digest; return the verified bytes.
 
     Raises:
         ReleaseError: naming the file that is missing, altered or unexpected, or saying that the
@@ -185,13 +248,23 @@ def verify_release(release: Path, public_key: Ed25519PublicKey) -> dict[str, Any
             "(altered manifest or a release signed by another key)"
         ) from None
     manifest = json.loads(manifest_bytes)
-    listed = manifest["files"]
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not isinstance(manifest.get("version"), int):
+        raise ReleaseError(f"{manifest_path}: manifest lacks its files or version")
+    files: dict[str, bytes] = {}
     for file_name, expected in listed.items():
+        # Even a manifest signed by the trusted key may not lead outside the release.
+        if not is_plain_file_name(file_name):
+            raise ReleaseError(
+                f"{manifest_path}: lists {file_name!r}, not a plain file name in the release"
+            )
         path = release / file_name
         if not path.is_file():
             raise ReleaseError(f"{path}: listed in the manifest but missing")
-        if _sha256(path) != expected:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
             raise ReleaseError(f"{path}: sha256 differs from the signed manifest (altered file)")
+        files[file_name] = data
     unexpected = sorted(
         p.name
         for p in release.iterdir()
@@ -199,25 +272,115 @@ def verify_release(release: Path, public_key: Ed25519PublicKey) -> dict[str, Any
     )
     if unexpected:
         raise ReleaseError(f"{release / unexpected[0]}: file not in the signed manifest")
-    return manifest
+    return VerifiedRelease(release, manifest, files)
 
 
-def load_release(release: Path, public_key_path: Path, *, device: str = "cpu") -> LoadedModel:
-    """Verify a release with the trusted key, then load its model."""
-    verify_release(release, load_public_key(public_key_path))
-    loaded = load_checkpoint(Path(release) / "model.json", device=device)
-    loaded.metadata["release"] = json.loads((Path(release) / "model-card.json").read_text())
+def _key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def default_trust_path() -> Path:
+    """``$FEDMEDSEGDIFF_STATE_DIR`` (else ``$XDG_STATE_HOME/fedmedsegdiff``, else
+    ``~/.local/state/fedmedsegdiff``) ``/verified-releases.json``."""
+    root = os.environ.get("FEDMEDSEGDIFF_STATE_DIR")
+    if not root:
+        state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        root = str(Path(state_home) / "fedmedsegdiff")
+    return Path(root) / "verified-releases.json"
+
+
+class TrustStore:
+    """The newest version of each release name (per signing key) this site has verified."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, int]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReleaseError(f"{self.path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise ReleaseError(f"{self.path}: not a record of verified release versions")
+        return data
+
+    def newest(self, name: str, key_id: str) -> int:
+        return self._read().get(f"{name}@{key_id}", 0)
+
+    def record(self, name: str, key_id: str, version: int) -> None:
+        data = self._read()
+        entry = f"{name}@{key_id}"
+        if version > data.get(entry, 0):
+            data[entry] = version
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def load_release(
+    release: Path,
+    public_key_path: Path,
+    *,
+    expected_name: str,
+    trust: TrustStore | None = None,
+    allow_older: bool = False,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Verify a release with the trusted key, check that it is the release the site expects
+    (``expected_name``, and no older than the newest version ``trust`` has seen unless
+    ``allow_older``), then build its model from the verified bytes."""
+    public_key = load_public_key(public_key_path)
+    verified = verify_release(release, public_key)
+    if verified.name != expected_name:
+        raise ReleaseError(
+            f"{verified.path / MANIFEST}: release is {verified.name!r}, expected {expected_name!r}"
+        )
+    key_id = _key_id(public_key)
+    if trust is not None:
+        newest = trust.newest(verified.name, key_id)
+        if verified.version < newest and not allow_older:
+            raise ReleaseError(
+                f"{verified.path}: {verified.name} v{verified.version} is older than v{newest}, "
+                f"which this site verified before ({trust.path}); pass --allow-older to use it"
+            )
+    sidecar_path = verified.path / "model.json"
+    sidecar = parse_sidecar(_release_file(verified, "model.json"), source=sidecar_path)
+    weights = weights_name(sidecar_path, sidecar)
+    loaded = model_from_sidecar(
+        sidecar_path,
+        sidecar,
+        lambda: tensors_from_bytes(
+            _release_file(verified, weights), source=verified.path / weights
+        ),
+        device=device,
+    )
+    loaded.metadata["release"] = json.loads(_release_file(verified, "model-card.json"))
+    if trust is not None:
+        trust.record(verified.name, key_id, verified.version)
     return loaded
 
 
+def _release_file(verified: VerifiedRelease, name: str) -> bytes:
+    if name not in verified.files:
+        raise ReleaseError(f"{verified.path / name}: not in the signed manifest")
+    return verified.files[name]
+
+
 __all__ = [
+    "PASSPHRASE_ENV",
     "ReleaseError",
+    "TrustStore",
+    "VerifiedRelease",
     "atomic_write_bytes",
+    "default_trust_path",
     "generate_signing_key",
     "load_private_key",
     "load_public_key",
     "load_release",
     "next_version",
+    "passphrase_from_env",
     "render_model_card",
     "verify_release",
     "write_release",

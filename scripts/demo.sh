@@ -17,7 +17,8 @@ key="$work/keys/release-signing.pem.pub"
 medsegdiff release verify "$release" --public-key "$key"
 for site in site-0 site-1 site-2; do
   echo "== $site: local ensemble inference with $(basename "$release")"
-  medsegdiff --quiet evaluate --release "$release" --public-key "$key" \
-    --data "$work/data/synthetic-3/$site/test" --out "predictions/$site"
+  medsegdiff --quiet evaluate --release "$release" --public-key "$key" --release-name fundus \
+    --trust-file "$work/verified-releases.json" \
+    --data "$work/data/synthetic-3/$site/test" --out "predictions/$site-$(basename "$release")"
 done
 echo "model card: $release/model-card.md; predictions, uncertainty maps and overlays: predictions/"

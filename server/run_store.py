@@ -35,6 +35,8 @@ from medsegdiff_core.config import ExperimentConfig
 from medsegdiff_core.errors import CheckpointError
 from medsegdiff_core.model import MedSegDiffUNet
 
+from .telemetry import round_counts
+
 # Settings that may change between a crash and the restart without changing the run.
 _RESUMABLE_FIELDS = {"federation": {"rounds", "round_timeout_s"}}
 
@@ -43,6 +45,15 @@ def config_digest(config: ExperimentConfig) -> str:
     """sha256 of everything in the config that determines the trained weights."""
     data = config.model_dump(mode="json", exclude=_RESUMABLE_FIELDS)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def registered_examples(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Each site's first accepted num-examples of the run: the most it may claim later."""
+    registered: dict[str, int] = {}
+    for record in history:
+        for site, metrics in record.get("site_train", {}).items():
+            registered.setdefault(site, int(metrics.get("num-examples", 0)))
+    return registered
 
 
 @dataclass
@@ -116,6 +127,7 @@ class RunStore:
             "config_digest": self.digest,
             "completed_round": state.completed_round,
             "uid": state.uid,
+            "counts": round_counts(state.history),
             "history": state.history,
         }
         atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())

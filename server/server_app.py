@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -18,38 +16,40 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    FedProx,
-    Strategy,
-)
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from medsegdiff_core.checkpoint import save_experiment_checkpoint
 from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.privacy import epsilon_of
 from medsegdiff_core.release import (
+    PASSPHRASE_ENV,
     generate_signing_key,
     load_private_key,
+    passphrase_from_env,
     public_path,
     write_release,
 )
 from medsegdiff_core.training import seed_everything
 
-from .run_store import RunState, RunStore
+from .central_dp import CentralDP
+from .run_store import RunState, RunStore, registered_examples
 from .server_momentum import ServerMomentum
-from .validation import screen_updates, site_name
+from .telemetry import round_counts
+from .validation import cap_claimed_examples, screen_updates, site_name
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 
 app = ServerApp()
 
 
+class NothingTrainedError(RuntimeError):
+    """No round of the run succeeded: there is no trained model to release."""
+
+
 def make_strategy(config: ExperimentConfig) -> Strategy:
-    """Flower's FedAvg or FedProx, example-weighted, with the configured site minimums; with
-    ``privacy.central`` wrapped in Flower's server-side fixed-clipping central DP (then every
-    update weighs the same)."""
+    """Flower's FedAvg or FedProx, example-weighted, with the configured site minimums."""
     fed = config.federation
     common: dict[str, Any] = {
         "fraction_train": fed.fraction_train,
@@ -62,32 +62,15 @@ def make_strategy(config: ExperimentConfig) -> Strategy:
         strategy: FedAvg = FedProx(proximal_mu=fed.proximal_mu, **common)
     else:
         strategy = FedAvg(**common)
-    if not config.privacy.central:
-        return strategy
-    assert config.privacy.central_clipping_norm is not None  # the config requires it
-    return DifferentialPrivacyServerSideFixedClipping(
-        strategy,
-        noise_multiplier=config.privacy.central_noise_multiplier,
-        clipping_norm=config.privacy.central_clipping_norm,
-        num_sampled_clients=max(fed.min_sites, 1),  # set to the round's count before averaging
-    )
+    return strategy
 
 
-@contextmanager
-def _uniform_weights(replies: list[Message], *, enabled: bool) -> Iterator[None]:
-    """Central DP calibrates its noise to the sensitivity C/k of a plain mean of k clipped
-    updates, which an example-weighted mean exceeds: every update weighs 1 while averaging."""
-    if not enabled:
-        yield
-        return
-    counts = [m.content["metrics"]["num-examples"] for m in replies]
-    for msg in replies:
-        msg.content["metrics"]["num-examples"] = 1
-    try:
-        yield
-    finally:
-        for msg, count in zip(replies, counts, strict=True):
-            msg.content["metrics"]["num-examples"] = count
+def make_central_dp(config: ExperimentConfig) -> CentralDP | None:
+    pc = config.privacy
+    if not pc.central:
+        return None
+    assert pc.central_clipping_norm is not None  # the config requires it
+    return CentralDP(pc.central_noise_multiplier, pc.central_clipping_norm)
 
 
 def _declined(msg: Message) -> bool:
@@ -136,23 +119,23 @@ def run_round(
     *,
     momentum: ServerMomentum,
     run_uid: str,
+    central: CentralDP | None = None,
+    registered: dict[str, int] | None = None,
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """Train on the sites, screen and average their updates, apply the server momentum,
     evaluate; return new weights and the round's record for the history.
 
     A site whose privacy budget would be exceeded declines: it is logged by name, left out
-    without counting as a rejected update, and the round goes on with the others."""
+    without counting as a rejected update, and the round goes on with the others. Claimed
+    example counts are capped (``cap_claimed_examples``) against ``registered``, each site's
+    first claim in the run. With ``central`` the round is averaged by :class:`CentralDP`."""
     fed = config.federation
     _wait_for_sites(grid, fed.min_available_sites, timeout_s=fed.round_timeout_s)
     start = time.monotonic()
-    replies = list(
-        grid.send_and_receive(
-            strategy.configure_train(
-                server_round, arrays, ConfigRecord({"run-uid": run_uid}), grid
-            ),
-            timeout=fed.round_timeout_s,
-        )
+    instructions = list(
+        strategy.configure_train(server_round, arrays, ConfigRecord({"run-uid": run_uid}), grid)
     )
+    replies = list(grid.send_and_receive(instructions, timeout=fed.round_timeout_s))
     replies_s = time.monotonic() - start
     declined = sorted((m for m in replies if _declined(m)), key=site_name)
     for msg in declined:
@@ -165,9 +148,25 @@ def run_round(
         )
     privacy = _privacy_records(replies)
     replies = [m for m in replies if not _declined(m)]
-    screening = screen_updates(replies, arrays, norm_factor=fed.norm_outlier_factor)
+    screening = screen_updates(
+        replies, arrays, norm_factor=None if central else fed.norm_outlier_factor
+    )
     for site, reason in screening.rejected:
         log(WARNING, "round %d: update from %s rejected: %s", server_round, site, reason)
+    capped = cap_claimed_examples(
+        screening.accepted, max_ratio=fed.max_weight_ratio, registered=registered or {}
+    )
+    for claim in capped:
+        log(
+            WARNING,
+            "round %d: %s claimed %d examples; weighted as %d (federation.max_weight_ratio=%g "
+            "times the round's median, and at most its first claim in the run)",
+            server_round,
+            claim.site,
+            claim.claimed,
+            claim.used,
+            fed.max_weight_ratio,
+        )
     record: dict[str, Any] = {
         "round": server_round,
         "sites_trained": sorted(site_name(m) for m in screening.accepted),
@@ -177,6 +176,7 @@ def run_round(
             for m in declined
         ],
         "privacy": privacy,
+        "capped_examples": [{"site": c.site, "claimed": c.claimed, "used": c.used} for c in capped],
         "train": {},
         "evaluate": {},
     }
@@ -190,12 +190,18 @@ def run_round(
         )
         record["failed"] = True
     else:
-        central = isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
-        if central:
-            # Noise of std sigma*C/k for the mean of the k updates actually averaged.
-            strategy.num_sampled_clients = len(screening.accepted)
-            record["central_dp"] = {"sites": len(screening.accepted)}
-        with _uniform_weights(screening.accepted, enabled=central):
+        if central is not None:
+            new_arrays = central.aggregate(
+                arrays, [m.content["arrays"] for m in screening.accepted], len(instructions)
+            )
+            train_metrics = aggregate_metricrecords(
+                [m.content for m in screening.accepted], "num-examples"
+            )
+            record["central_dp"] = {
+                "sites_sampled": len(instructions),
+                "updates_averaged": len(screening.accepted),
+            }
+        else:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
         if new_arrays is not None:
             arrays = momentum.step(arrays, new_arrays)
@@ -247,12 +253,16 @@ def publish_release(
         store.directory / "final" / "model", model, config, rounds=state.completed_round
     )
     key_path = workdir / "keys" / "release-signing.pem"
+    passphrase = passphrase_from_env()
     if not key_path.exists():
-        generate_signing_key(key_path)
+        generate_signing_key(key_path, passphrase)
         log(
-            INFO,
-            "created release signing key %s (give hospitals %s)",
+            WARNING if passphrase is None else INFO,
+            "created release signing key %s, mode 0600, %s; give hospitals %s",
             key_path,
+            "encrypted with $" + PASSPHRASE_ENV
+            if passphrase
+            else "NOT encrypted (set $" + PASSPHRASE_ENV + " to encrypt it)",
             public_path(key_path),
         )
     return write_release(
@@ -260,7 +270,7 @@ def publish_release(
         workdir / "releases",
         config.federation.release_name,
         model_card(config, state, model),
-        load_private_key(key_path),
+        load_private_key(key_path, passphrase),
     )
 
 
@@ -307,7 +317,7 @@ def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet)
             "per_site": last_eval.get("site_evaluate", {}),
         },
         "privacy": privacy_card(config, state),
-        "rejected_updates": sum(len(r.get("rejected", [])) for r in state.history),
+        "rounds": round_counts(state.history),
     }
 
 
@@ -383,11 +393,14 @@ def central_card(config: ExperimentConfig, state: RunState) -> dict[str, Any] | 
     if not pc.central:
         return None
     releases = sum(1 for r in state.history if "central_dp" in r)
+    sampled = [r["central_dp"].get("sites_sampled") for r in state.history if "central_dp" in r]
     epsilon = epsilon_of([(pc.central_noise_multiplier, 1.0, releases)], pc.central_delta)
     return {
-        "mechanism": "Flower DifferentialPrivacyServerSideFixedClipping: each site's update "
-        "clipped to L2 norm C, unweighted mean of the k updates, Gaussian noise of std "
-        "sigma * C / k added to the mean",
+        "mechanism": "each accepted site update clipped to L2 norm C, summed and divided by "
+        "the k sites sampled for the round (a sampled site without an accepted update adds "
+        "zero), Gaussian noise of std sigma * C / k added; no screening that compares sites "
+        "before clipping",
+        "sites_sampled_per_round": sampled,
         "noise_multiplier": pc.central_noise_multiplier,
         "clipping_norm": pc.central_clipping_norm,
         "noisy_rounds": releases,
@@ -417,12 +430,21 @@ def main(grid: Grid, context: Context) -> None:
             store.directory,
         )
     strategy = make_strategy(config)
+    central = make_central_dp(config)
     fed = config.federation
     momentum = ServerMomentum(fed.server_momentum, fed.server_lr, state.velocity)
     for server_round in range(state.completed_round + 1, fed.rounds + 1):
         log(INFO, "[ROUND %d/%d]", server_round, fed.rounds)
         arrays, record = run_round(
-            server_round, grid, strategy, arrays, config, momentum=momentum, run_uid=state.uid
+            server_round,
+            grid,
+            strategy,
+            arrays,
+            config,
+            momentum=momentum,
+            run_uid=state.uid,
+            central=central,
+            registered=registered_examples(state.history),
         )
         store.save_round(state, model_from(arrays, config), record, momentum.velocity)
         log(
@@ -443,5 +465,14 @@ def main(grid: Grid, context: Context) -> None:
                 config.federation.min_sites,
             )
             break
+    counts = round_counts(state.history)
+    if counts["rounds_succeeded"] == 0:
+        message = (
+            f"no round of {config.name} succeeded ({counts['rounds_failed']} failed, "
+            f"{counts['updates_rejected']} updates rejected, {counts['updates_declined']} "
+            f"declined; see {store.state_path}): nothing trained, so no release is signed"
+        )
+        log(ERROR, message)
+        raise NothingTrainedError(message)
     release = publish_release(config, store, state, arrays, workdir)
     log(INFO, "released %s", release)

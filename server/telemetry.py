@@ -86,6 +86,19 @@ def read_runs(runs_dir: Path) -> list[RunSnapshot]:
     return runs
 
 
+def round_counts(history: list[dict[str, Any]]) -> dict[str, int]:
+    """How the rounds of a run went: what ``state.json`` and the model card both state."""
+    failed = sum(1 for r in history if r.get("failed"))
+    return {
+        "rounds": len(history),
+        "rounds_succeeded": len(history) - failed,
+        "rounds_failed": failed,
+        "updates_rejected": sum(len(r.get("rejected", [])) for r in history),
+        "updates_declined": sum(len(r.get("declined", [])) for r in history),
+        "claims_capped": sum(len(r.get("capped_examples", [])) for r in history),
+    }
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -93,6 +106,7 @@ def _number(value: Any) -> float | None:
 def run_metrics(run: RunSnapshot) -> RunMetrics:
     """The figures of a run, from its history."""
     history = run.history
+    counts = round_counts(history)
     last = history[-1] if history else {}
     last_train = next((r["train"] for r in reversed(history) if r.get("train")), {})
     last_eval = next((r["evaluate"] for r in reversed(history) if r.get("evaluate")), {})
@@ -125,7 +139,7 @@ def run_metrics(run: RunSnapshot) -> RunMetrics:
     return RunMetrics(
         name=run.name,
         rounds_completed=run.completed_round,
-        rounds_failed=sum(1 for r in history if r.get("failed")),
+        rounds_failed=counts["rounds_failed"],
         last_round_duration_s=_number(last.get("wall_s")),
         examples=_number(last_train.get("num-examples")),
         train_loss=_number(last_train.get("train-loss")),
@@ -135,8 +149,8 @@ def run_metrics(run: RunSnapshot) -> RunMetrics:
             for k, v in last_eval.items()
             if k.startswith("dice-") and _number(v) is not None
         },
-        updates_rejected=sum(len(r.get("rejected", [])) for r in history),
-        rounds_declined=sum(len(r.get("declined", [])) for r in history),
+        updates_rejected=counts["updates_rejected"],
+        rounds_declined=counts["updates_declined"],
         bytes_received=sum(int(r.get("update_bytes", 0)) for r in history),
         bytes_sent=bytes_sent,
         sites_last_round=len(last.get("sites_trained", [])),

@@ -7,7 +7,12 @@ then goes on with the others.
 Checks, in order: the reply carries an error; it lacks the ``arrays``/``metrics`` records or a
 positive ``num-examples``; its keys, shapes or dtypes differ from the global model; it holds NaN
 or Inf; its distance from the global model is more than ``norm_factor`` times the round's lower
-median distance (a scaled or random update).
+median distance (a scaled or random update). That last rule compares sites with each other, so
+it is off (``norm_factor=None``) under central DP, whose analysis allows no data-dependent
+selection of updates before clipping.
+
+The number of examples a site claims (its FedAvg weight) cannot be verified by the server: it is
+only bounded, by ``cap_claimed_examples``.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
 
 
 def screen_updates(
-    replies: list[Message], global_arrays: ArrayRecord, *, norm_factor: float
+    replies: list[Message], global_arrays: ArrayRecord, *, norm_factor: float | None
 ) -> Screening:
     """Split replies into accepted and rejected (see the module docstring).
 
@@ -91,7 +96,9 @@ def screen_updates(
             result.rejected.append((site_name(msg), problem))
         else:
             candidates.append((msg, update_norm(msg.content["arrays"], reference64)))
-    if candidates:
+    if candidates and norm_factor is None:
+        result.accepted.extend(msg for msg, _ in candidates)
+    elif candidates:
         norms = sorted(norm for _, norm in candidates)
         lower_median = norms[(len(norms) - 1) // 2]
         for msg, norm in candidates:
@@ -107,3 +114,35 @@ def screen_updates(
                 result.accepted.append(msg)
     result.accepted.sort(key=site_name)
     return result
+
+
+@dataclass(frozen=True)
+class CappedClaim:
+    site: str
+    claimed: int
+    used: int
+
+
+def cap_claimed_examples(
+    accepted: list[Message], *, max_ratio: float, registered: dict[str, int]
+) -> list[CappedClaim]:
+    """Bound each site's FedAvg weight, in place, and return the claims that were cut.
+
+    A site may weigh at most ``max_ratio`` times the round's lower median claim, and never more
+    than it registered (its first accepted claim in the run: a site's data does not grow while
+    a run lasts). A site that claims 10^9 examples then weighs at most ``max_ratio / (max_ratio
+    + n - 1)`` of an n-site average instead of all of it.
+    """
+    claims = {site_name(m): int(m.content["metrics"]["num-examples"]) for m in accepted}
+    if not claims:
+        return []
+    ordered = sorted(claims.values())
+    bound = max(1, math.floor(max_ratio * ordered[(len(ordered) - 1) // 2]))
+    capped = []
+    for msg in accepted:
+        site = site_name(msg)
+        used = min(claims[site], bound, registered.get(site, claims[site]))
+        if used < claims[site]:
+            msg.content["metrics"]["num-examples"] = used
+            capped.append(CappedClaim(site, claims[site], used))
+    return capped

@@ -93,6 +93,10 @@ def test_release_verified_then_tampering_refused(flwr_run: Path, tmp_path: Path)
         str(release),
         "--public-key",
         str(public_key),
+        "--release-name",
+        "fundus-tiny",
+        "--trust-file",
+        str(tmp_path / "verified-releases.json"),
         "--input",
         str(site),
         "--out",
@@ -112,6 +116,10 @@ def test_release_verified_then_tampering_refused(flwr_run: Path, tmp_path: Path)
             str(folder),
             "--public-key",
             str(key),
+            "--release-name",
+            "fundus-tiny",
+            "--trust-file",
+            str(tmp_path / "verified-releases.json"),
             "--input",
             str(site),
             "--out",
@@ -151,7 +159,7 @@ from client import client_app
 from server import server_app
 
 RUN_CONFIG = {{"workdir": {workdir!r}, "overrides": {overrides!r}}}
-POISON = {poison!r}
+POISONED = {poisoned!r}  # partition ids whose updates are broken
 
 client = ClientApp()
 server = ServerApp()
@@ -166,7 +174,7 @@ def with_run_config(context):
 @client.train()
 def train(msg, context):
     reply = client_app.train(msg, with_run_config(context))
-    if POISON and context.node_config["partition-id"] == 1:
+    if context.node_config["partition-id"] in POISONED:
         arrays = reply.content["arrays"].to_torch_state_dict()
         key = next(iter(arrays))
         if int(msg.content["config"]["server-round"]) == 1:
@@ -194,11 +202,13 @@ run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
 
 
 def start_simulation(
-    workdir: Path, *, rounds: int, poison: bool = False, extra: str = ""
+    workdir: Path, *, rounds: int, poisoned: tuple[int, ...] = (), extra: str = ""
 ) -> subprocess.Popen:
     overrides = OVERRIDES.replace("federation.rounds=2", f"federation.rounds={rounds}") + extra
     script = workdir.parent / f"{workdir.name}-sim.py"
-    script.write_text(SIMULATION.format(workdir=str(workdir), overrides=overrides, poison=poison))
+    script.write_text(
+        SIMULATION.format(workdir=str(workdir), overrides=overrides, poisoned=poisoned)
+    )
     return subprocess.Popen(
         [sys.executable, str(script)],
         cwd=ROOT,
@@ -265,7 +275,7 @@ def test_resume_after_server_killed_mid_run(tmp_path: Path) -> None:
 
 def test_poisoned_updates_rejected_and_rounds_complete(tmp_path: Path) -> None:
     workdir = tmp_path / "poisoned"
-    finish(start_simulation(workdir, rounds=2, poison=True))
+    finish(start_simulation(workdir, rounds=2, poisoned=(1,)))
     state = json.loads((workdir / "runs" / "federated-tiny" / "state.json").read_text())
     first, second = state["history"]
     assert first["rejected"][0]["site"] == "site-1" and "NaN" in first["rejected"][0]["reason"]
@@ -275,3 +285,19 @@ def test_poisoned_updates_rejected_and_rounds_complete(tmp_path: Path) -> None:
         assert not record.get("failed")
         assert record["train"]["num-examples"] == 80
     assert (workdir / "releases" / "fundus-tiny-v1" / "manifest.sig").is_file()
+    counts = {"rounds": 2, "rounds_succeeded": 2, "rounds_failed": 0, "updates_rejected": 2}
+    assert state["counts"].items() >= counts.items()
+    card = json.loads((workdir / "releases" / "fundus-tiny-v1" / "model-card.json").read_text())
+    assert card["rounds"] == state["counts"]
+
+
+def test_a_run_whose_every_round_fails_releases_nothing(tmp_path: Path) -> None:
+    workdir = tmp_path / "all-poisoned"
+    process = start_simulation(workdir, rounds=2, poisoned=(0, 1, 2))
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode != 0, output[-3000:]
+    assert "no round of federated-tiny succeeded (2 failed, 6 updates rejected" in output
+    assert not (workdir / "releases").exists()
+    state = json.loads((workdir / "runs" / "federated-tiny" / "state.json").read_text())
+    assert state["counts"]["rounds_failed"] == 2 and state["counts"]["rounds_succeeded"] == 0
+    assert all(r["failed"] for r in state["history"])

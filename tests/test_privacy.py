@@ -41,6 +41,7 @@ from medsegdiff_core.privacy import (
     dp_train_steps,
     epsilon_of,
     make_dp_compatible,
+    merge_history,
     plan_privacy,
 )
 
@@ -291,18 +292,44 @@ def test_ledger_epsilon_is_opacus_and_survives_restart(tmp_path: Path) -> None:
         decision = ledger.reserve(server_round, p)
         assert decision.granted
         ledger.complete(decision.entry, [(1.1, 0.1, 5)])
-    assert PrivacyLedger(path).epsilon(1e-5) == pytest.approx(
+    assert PrivacyLedger(path).epsilon() == pytest.approx(
         opacus_epsilon(1.1, 0.1, 10, 1e-5), rel=1e-12
     )
     # A round that started and never finished (crash) counts in full: the safe side.
     PrivacyLedger(path).reserve(3, p)
     data = json.loads(path.read_text())
     assert [e["status"] for e in data["entries"]] == ["completed", "completed", "started"]
-    assert PrivacyLedger(path).epsilon(1e-5) == pytest.approx(opacus_epsilon(1.1, 0.1, 15, 1e-5))
+    assert PrivacyLedger(path).epsilon() == pytest.approx(opacus_epsilon(1.1, 0.1, 15, 1e-5))
 
     path.write_text("{not json")
     with pytest.raises(PrivacyLedgerError, match="refuses to train"):
         PrivacyLedger(path).reserve(4, p)
+
+
+def test_the_delta_is_pinned_at_the_sites_first_dp_round(tmp_path: Path) -> None:
+    # Two rounds fit the budget at delta 1e-3 but not at 1e-5: a later run that raises delta
+    # (still below 1/N = 0.025) must not make the site's spent epsilon look smaller.
+    target = (opacus_epsilon(1.0, 0.1, 5, 1e-5) + opacus_epsilon(1.0, 0.1, 10, 1e-5)) / 2
+    assert opacus_epsilon(1.0, 0.1, 10, 1e-3) < target
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    first = ledger.reserve(1, plan(1.0, 0.1, 5, 40, target_epsilon=target, delta=1e-5))
+    ledger.complete(first.entry, [(1.0, 0.1, 5)])
+    assert ledger.delta() == 1e-5
+    later = ledger.reserve(2, plan(1.0, 0.1, 5, 40, target_epsilon=target, delta=1e-3))
+    assert not later.granted and later.delta == 1e-5
+    assert later.spent == pytest.approx(opacus_epsilon(1.0, 0.1, 5, 1e-5))
+    assert ledger.epsilon() == pytest.approx(opacus_epsilon(1.0, 0.1, 5, 1e-5))
+    with pytest.raises(PrivacyLedgerError, match="pinned at its first DP round, is not below"):
+        ledger.reserve(3, plan(1.0, 1e-6, 5, 200_000, target_epsilon=target, delta=1e-6))
+    assert json.loads(ledger.path.read_text())["delta"] == 1e-5
+
+
+def test_identical_rounds_are_accounted_as_one_entry() -> None:
+    history = [(1.0, 0.1, 5)] * 400 + [(2.0, 0.1, 3)] * 100
+    assert merge_history(history) == [(1.0, 0.1, 2000), (2.0, 0.1, 300)]
+    assert epsilon_of(history, 1e-5) == pytest.approx(
+        epsilon_of([(1.0, 0.1, 2000), (2.0, 0.1, 300)], 1e-5), rel=1e-12
+    )
 
 
 def test_budget_declines_the_round_that_would_exceed_it(tmp_path: Path) -> None:
@@ -492,7 +519,8 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     assert second["sites_trained"] == ["site-0", "site-2"]  # the server went on without site-1
     assert [d["site"] for d in second["declined"]] == ["site-1"]
     assert second["rejected"] == [] and not second.get("failed")
-    assert second["central_dp"] == {"sites": 2}
+    # site-1 declined: it still counts among the k sampled sites that the noise assumes
+    assert second["central_dp"] == {"sites_sampled": 3, "updates_averaged": 2}
 
     card = json.loads((workdir / "releases" / "fundus-tiny-v1" / "model-card.json").read_text())
     sites = card["privacy"]["sites"]
@@ -507,4 +535,5 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     assert sites["site-2"]["dp"] is False and sites["site-2"]["epsilon"] is None
     central = card["privacy"]["central"]
     assert central["noisy_rounds"] == 2 and central["epsilon"] > 0
+    assert central["sites_sampled_per_round"] == [3, 3]
     assert "server itself" in central["does_not_protect"]
