@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from client.site import builtin_sites  # noqa: E402
 from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
 from medsegdiff_core.config import load_config  # noqa: E402
-from medsegdiff_core.data import SegmentationFolder  # noqa: E402
+from medsegdiff_core.data.layouts import PlanarDataset, open_dataset  # noqa: E402
 from medsegdiff_core.inference import evaluate_dataset  # noqa: E402
 from medsegdiff_core.training import fit  # noqa: E402
 from server.local_simulation import run_local  # noqa: E402
@@ -42,7 +42,7 @@ from server.local_simulation import run_local  # noqa: E402
 SITES = 3
 
 
-def score(checkpoint: Path, tests: list[SegmentationFolder], config) -> dict[str, float]:
+def score(checkpoint: Path, tests: list[PlanarDataset], config) -> dict[str, float]:
     """Mean Dice (over classes) per site's test split, and their mean."""
     loaded = load_checkpoint(checkpoint)
     schedule = loaded.diffusion.noise_schedule()
@@ -53,7 +53,7 @@ def score(checkpoint: Path, tests: list[SegmentationFolder], config) -> dict[str
             schedule,
             test,
             config.inference,
-            list(config.data.classes),
+            config.data.classes,
             device=torch.device("cpu"),
         )
         result[f"site-{index}"] = summary["mean"]["dice"]
@@ -72,14 +72,14 @@ def train_central(config, folders: list[Path], steps: int, out: Path) -> Path:
     return fit(parse_config(overrides), progress=False, log=lambda _: None).checkpoint
 
 
-def builtin_tests(workdir: Path, config) -> tuple[list[Path], list[SegmentationFolder]]:
+def builtin_tests(workdir: Path, config) -> tuple[list[Path], list[PlanarDataset]]:
     """The built-in sites the simulated clients use (written once under ``workdir``) and their
     test splits at the model's resolution."""
     sites = builtin_sites(workdir, SITES)
     size = config.unet_spec().image_size
     channels = config.data.image_channels
     tests = [
-        SegmentationFolder(s / "test", config.data.classes, size, in_channels=channels)
+        open_dataset(s / "test", "generic", config.data.classes, size, in_channels=channels)
         for s in sites
     ]
     return sites, tests

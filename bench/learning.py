@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, Subset
 
 from medsegdiff_core.checkpoint import load_checkpoint
 from medsegdiff_core.config import InferenceConfig, load_config
-from medsegdiff_core.data import SegmentationFolder
+from medsegdiff_core.data.layouts import open_dataset
 from medsegdiff_core.data.synthetic import write_fundus_sites
 from medsegdiff_core.inference import evaluate_dataset
 from medsegdiff_core.metrics import segmentation_metrics, summarize
@@ -77,7 +77,7 @@ def score_diffusion(loaded, dataset, sampler: str, steps: int, ensemble: int) ->
     )
     start = time.perf_counter()
     _, summary = evaluate_dataset(
-        loaded.model, schedule, dataset, cfg, list(loaded.classes), device=torch.device("cpu")
+        loaded.model, schedule, dataset, cfg, loaded.classes, device=torch.device("cpu")
     )
     seconds = time.perf_counter() - start
     return {"summary": summary, "seconds_per_image": seconds / len(dataset)}
@@ -135,12 +135,14 @@ def main() -> None:
     print(f"MedSegDiff: {result.steps} steps in {result.seconds:.0f} s")
 
     folders = [s / "test" for s in sites]
-    tests = [SegmentationFolder(f, config.data.classes, size, in_channels=3) for f in folders]
+    tests = [open_dataset(f, "generic", config.data.classes, size, in_channels=3) for f in folders]
     held_out = ConcatDataset(tests)
     subset = ConcatDataset([Subset(t, range(min(args.subset_per_site, len(t)))) for t in tests])
     train = ConcatDataset(
         [
-            SegmentationFolder(s / "train", config.data.classes, size, in_channels=3, augment=True)
+            open_dataset(
+                s / "train", "generic", config.data.classes, size, in_channels=3, augment=True
+            )
             for s in sites
         ]
     )

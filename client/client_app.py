@@ -229,7 +229,9 @@ def _train_private(
 @app.evaluate()
 @telemetry.observed
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global model on this site's validation split with the fast ensemble sampler."""
+    """Score the global model on this site's validation split with the fast ensemble sampler,
+    per case at the images' own resolution (3-D for volumes), exactly as ``medsegdiff
+    evaluate`` scores it; ``num-examples`` is the number of cases scored."""
     site = Site.from_context(context)
     config = site.config
     server_round = int(msg.content["config"].get("server-round", 0))
@@ -239,17 +241,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         config.inference.model_dump() | {"seed": site.seed(server_round, "evaluate") % 2**31}
     )
     start = time.monotonic()
-    _, summary = evaluate_dataset(
+    rows, summary = evaluate_dataset(
         model,
         config.diffusion.noise_schedule(),
         data,
         cfg,
-        list(config.data.classes),
+        config.data.classes,
         device=site.device,
         amp_dtype=autocast_dtype(site.device, config.train.amp, inference=True),
     )
     metrics: dict[str, float | int] = {
-        "num-examples": len(data),
+        "num-examples": len(rows),
         "dice": summary["mean"]["dice"],
         "iou": summary["mean"]["iou"],
         "eval-seconds": time.monotonic() - start,

@@ -1,7 +1,11 @@
 """Running a trained model over a folder: predictions on disk, and metrics where masks exist.
 
-``predict_folder`` is what ``medsegdiff predict`` and ``medsegdiff evaluate`` run; the federated
-client runs the same function on a site's own folder with a released model.
+``predict_folder`` is what ``medsegdiff predict`` and ``medsegdiff evaluate`` run. Scores come
+from one place: each case is scored at the input's own resolution, in 3-D for volumes (one
+Dice per case and class, so the empty slices of a volume do not each count as a perfect case),
+by the writers below. ``evaluate_dataset`` runs the same writers without writing files; it is
+what federated evaluation, and so the model card, reports, so the card's Dice is what
+``medsegdiff evaluate`` prints on the same data.
 """
 
 from __future__ import annotations
@@ -75,16 +79,54 @@ def evaluate_dataset(
     schedule: NoiseSchedule,
     dataset: Dataset,
     cfg: InferenceConfig,
-    class_names: list[str],
+    classes: dict[str, list[int]],
     *,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Dice/IoU/HD95 of the fused ensemble at the model's resolution: (per-case rows, summary)."""
-    names, preds, targets = [], [], []
+    """Dice/IoU/HD95 of the fused ensemble per case, as ``medsegdiff evaluate`` scores them
+    (see the module docstring): (per-case rows, summary).
+
+    ``dataset`` is a layout's dataset (:func:`~.data.layouts.open_dataset`) or a
+    ``ConcatDataset`` of them (each part is sampled from ``cfg.seed``, as if run on its own)."""
+    scores: list[CaseMetrics] = []
+    names: list[str] = []
+    for part in getattr(dataset, "datasets", [dataset]):
+        writer = _writer(part, classes, outputs=None)
+        _segment_into(writer, model, schedule, part, cfg, classes, device, amp_dtype, progress)
+        scores += writer.scores
+        names += writer.scored
+    if not scores:
+        raise ValueError("evaluate_dataset: no case has a mask to score")
+    merged = CaseMetrics.concat(scores)
+    return case_rows(merged, names), summarize(merged)
+
+
+def _writer(
+    dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder | None
+) -> _PlanarWriter | _VolumeWriter:
+    from .data.layouts import SliceDataset
+
+    kind = _VolumeWriter if isinstance(dataset, SliceDataset) else _PlanarWriter
+    return kind(dataset, classes, outputs)
+
+
+def _segment_into(
+    writer: _PlanarWriter | _VolumeWriter,
+    model: MedSegDiffUNet,
+    schedule: NoiseSchedule,
+    dataset: Dataset,
+    cfg: InferenceConfig,
+    classes: dict[str, list[int]],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: bool,
+) -> None:
+    """Segment every item and hand it to ``writer`` at the input's own resolution."""
+    segmented = 0
     for items, result in segment_dataset(
-        model,
+        model.to(device),
         schedule,
         dataset,
         cfg,
@@ -92,11 +134,18 @@ def evaluate_dataset(
         amp_dtype=amp_dtype,
         progress=progress,
     ):
-        preds.append(result.mask.cpu())
-        targets.append(torch.stack([it["mask"] for it in items]).bool())
-        names += [it["name"] for it in items]
-    metrics = segmentation_metrics(torch.cat(preds), torch.cat(targets), class_names=class_names)
-    return case_rows(metrics, names), summarize(metrics)
+        for offset, item in enumerate(items):
+            size = tuple(item["original_size"])
+            # One full-size (M, H, W) float32 map alive at a time: each is dropped as soon as it
+            # is reduced to the (H, W) map written (a large image's maps are GBs each).
+            probability = resize_probability(result.probability[offset].cpu().numpy(), size)
+            labels = channels_to_labels(probability >= cfg.threshold, classes)
+            del probability
+            uncertainty = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
+            writer.add(segmented, labels, uncertainty.max(0))
+            del uncertainty
+            segmented += 1
+    writer.close()
 
 
 @dataclass
@@ -131,7 +180,7 @@ def predict_folder(
     NIfTI and DICOM series give NIfTI): ``masks/<case>`` (label volume) and
     ``uncertainty/<case>`` (float32); metrics per case in 3-D, in millimetres.
     """
-    from .data.layouts import SliceDataset, open_dataset
+    from .data.layouts import open_dataset
 
     outputs = OutputFolder(out_dir, [folder])  # before reading: out_dir must not be the data
     dataset = open_dataset(
@@ -142,38 +191,22 @@ def predict_folder(
         in_channels=loaded.spec.image_channels,
         require_masks=require_masks,
     )
-    writer = (
-        _VolumeWriter(dataset, loaded.classes, outputs)
-        if isinstance(dataset, SliceDataset)
-        else _PlanarWriter(dataset, loaded.classes, outputs)
-    )
+    writer = _writer(dataset, loaded.classes, outputs)
     scored = any(case.mask_path is not None for case in dataset.cases)
     metrics = [out_dir / "metrics.json", out_dir / "metrics.txt"] if scored else []
     for path in [*writer.planned(), *metrics]:
         outputs.claim(path)  # a file in the way stops the run before any sampling, not midway
-    model = loaded.model.to(device)
-    segmented = 0
-    for items, result in segment_dataset(
-        model,
+    _segment_into(
+        writer,
+        loaded.model,
         loaded.diffusion.noise_schedule(),
         dataset,
         cfg,
-        device=device,
-        amp_dtype=amp_dtype,
-        progress=progress,
-    ):
-        for offset, item in enumerate(items):
-            size = tuple(item["original_size"])
-            # One full-size (M, H, W) float32 map alive at a time: each is dropped as soon as it
-            # is reduced to the (H, W) map written (a large image's maps are GBs each).
-            probability = resize_probability(result.probability[offset].cpu().numpy(), size)
-            labels = channels_to_labels(probability >= cfg.threshold, loaded.classes)
-            del probability
-            uncertainty = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
-            writer.add(segmented, labels, uncertainty.max(0))
-            del uncertainty
-            segmented += 1
-    writer.close()
+        loaded.classes,
+        device,
+        amp_dtype,
+        progress,
+    )
     rows: list[dict[str, Any]] = []
     summary = None
     if writer.scores:
@@ -205,17 +238,22 @@ def _score(
 
 
 class _PlanarWriter:
-    """PNG mask, uncertainty and overlay per image; metrics where the image has a mask."""
+    """PNG mask, uncertainty and overlay per image (none with ``outputs=None``); metrics where
+    the image has a mask."""
 
     _KINDS = ("masks", "uncertainty", "overlays")
 
-    def __init__(self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder) -> None:
+    def __init__(
+        self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder | None
+    ) -> None:
         self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
         self.scores: list[CaseMetrics] = []
         self.scored: list[str] = []
 
     def _paths(self, name: str) -> list[Path]:
+        if self.outputs is None:
+            return []
         return [self.outputs.out_dir / kind / f"{name}.png" for kind in self._KINDS]
 
     def planned(self) -> list[Path]:
@@ -224,11 +262,13 @@ class _PlanarWriter:
 
     def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
         case = self.dataset.cases[index]
-        mask_path, uncertainty_path, overlay_path = map(self.outputs.claim, self._paths(case.name))
-        write_label_map(mask_path, labels)
-        write_uncertainty(uncertainty_path, uncertainty)
-        # uint8 as on disk: the overlay needs no float copy of the image.
-        write_overlay(overlay_path, read_display_image(case.image_path), labels)
+        if self.outputs is not None:
+            paths = map(self.outputs.claim, self._paths(case.name))
+            mask_path, uncertainty_path, overlay_path = paths
+            write_label_map(mask_path, labels)
+            write_uncertainty(uncertainty_path, uncertainty)
+            # uint8 as on disk: the overlay needs no float copy of the image.
+            write_overlay(overlay_path, read_display_image(case.image_path), labels)
         target = self.dataset.target_labels(index)
         if target is not None:
             self.scores.append(_score(labels, target, self.classes, str(case.mask_path)))
@@ -243,9 +283,11 @@ class _VolumeWriter:
     """Collects a case's slices; writes its volumes (and scores it in 3-D) when the case ends.
 
     Items of a :class:`~.data.layouts.SliceDataset` come case by case, so one case is held in
-    memory at a time."""
+    memory at a time. With ``outputs=None`` it only scores."""
 
-    def __init__(self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder) -> None:
+    def __init__(
+        self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder | None
+    ) -> None:
         self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
         self.scores: list[CaseMetrics] = []
@@ -255,6 +297,8 @@ class _VolumeWriter:
         self._uncertainty: dict[int, np.ndarray] = {}
 
     def _paths(self, case: str) -> list[Path]:
+        if self.outputs is None:
+            return []
         name = self.dataset.output_name(case)
         return [self.outputs.out_dir / kind / name for kind in ("masks", "uncertainty")]
 
@@ -275,10 +319,11 @@ class _VolumeWriter:
         case = self._case
         if case is None:
             return
-        for path in self._paths(case.name):
-            self.outputs.claim(path)
-        out_dir = self.outputs.out_dir
-        self.dataset.write_prediction(out_dir, case.name, self._labels, self._uncertainty)
+        if self.outputs is not None:
+            for path in self._paths(case.name):
+                self.outputs.claim(path)
+            out_dir = self.outputs.out_dir
+            self.dataset.write_prediction(out_dir, case.name, self._labels, self._uncertainty)
         if case.mask_path is not None:
             reference = self.dataset.reference(case.name)
             labels = self.dataset.assemble(case.name, self._labels)

@@ -301,3 +301,129 @@ def test_a_run_whose_every_round_fails_releases_nothing(tmp_path: Path) -> None:
     state = json.loads((workdir / "runs" / "federated-tiny" / "state.json").read_text())
     assert state["counts"]["rounds_failed"] == 2 and state["counts"]["rounds_succeeded"] == 0
     assert all(r["failed"] for r in state["history"])
+
+
+VOLUME_SIMULATION = """
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+from client import client_app
+from server import server_app
+
+RUN_CONFIG = {{"workdir": {workdir!r}, "experiment": {experiment!r}}}
+SITES = {sites!r}
+
+client = ClientApp()
+server = ServerApp()
+
+
+def context_for(context, node=False):
+    extra = {{}}
+    if node:
+        partition = int(context.node_config["partition-id"])
+        extra = {{"data-path": SITES[partition], "site-name": f"site-{{partition}}"}}
+    return Context(context.run_id, context.node_id, dict(context.node_config) | extra,
+                   context.state, dict(context.run_config) | RUN_CONFIG)
+
+
+@client.train()
+def train(msg, context):
+    return client_app.train(msg, context_for(context, node=True))
+
+
+@client.evaluate()
+def evaluate(msg, context):
+    return client_app.evaluate(msg, context_for(context, node=True))
+
+
+@server.main()
+def main(grid, context):
+    server_app.main(grid, context_for(context))
+
+
+BACKEND = {{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}}
+run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
+"""
+
+VOLUME_EXPERIMENT = """
+name: federated-brats-tiny
+data: {layout: brats, classes: {WT: [1, 2, 4], TC: [1, 4], ET: [4]}, image_channels: 4}
+model: {preset: tiny, image_size: 32}
+diffusion: {steps: 1000, schedule: linear, prediction: v}
+train: {batch_size: 8, lr: 1.0e-3, seed: 0}
+inference: {sampler: ddim, sampling_steps: 2, ensemble: 2, fusion: staple, batch_size: 8}
+federation: {rounds: 1, local_steps: 3, min_sites: 2, min_available_sites: 3,
+             release_name: brats-tiny}
+"""
+
+
+def test_model_card_dice_on_a_volume_site_is_what_evaluate_prints(tmp_path: Path) -> None:
+    # Federated evaluation once scored volumes per 2-D slice at model resolution, where every
+    # empty slice counted as a perfect case; the card now carries the per-case 3-D Dice.
+    from client.site import Site
+    from medsegdiff_core.config import load_config
+    from medsegdiff_core.data.synthetic_brain import write_brats_cases
+
+    sites = []
+    for index in range(3):
+        site = tmp_path / "data" / f"hospital-{index}"
+        write_brats_cases(site / "train", 2, shape=(32, 32, 6), seed=10 + index)
+        write_brats_cases(site / "val", 2, shape=(32, 32, 6), seed=20 + index)
+        sites.append(str(site))
+    experiment = tmp_path / "brats-tiny.yaml"
+    experiment.write_text(VOLUME_EXPERIMENT)
+    workdir = tmp_path / "work"
+    script = tmp_path / "volume-sim.py"
+    script.write_text(
+        VOLUME_SIMULATION.format(workdir=str(workdir), experiment=str(experiment), sites=sites)
+    )
+    finish(
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+    )
+    release = workdir / "releases" / "brats-tiny-v1"
+    card = json.loads((release / "model-card.json").read_text())
+    on_card = card["evaluation"]["per_site"]["site-0"]
+    assert on_card["num-examples"] == 2  # two cases, not their slices
+
+    config = load_config(experiment)
+    seed = Site("site-0", Path(sites[0]), tmp_path, config, torch.device("cpu")).seed(1, "evaluate")
+    out = tmp_path / "evaluated"
+    result = cli(
+        "evaluate",
+        "--release",
+        str(release),
+        "--public-key",
+        str(workdir / "keys" / "release-signing.pem.pub"),
+        "--release-name",
+        "brats-tiny",
+        "--trust-file",
+        str(tmp_path / "verified-releases.json"),
+        "--data",
+        str(Path(sites[0]) / "val"),
+        "--layout",
+        "brats",
+        "--seed",
+        str(seed % 2**31),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["num_cases"] == 2
+    assert on_card["dice"] == pytest.approx(summary["mean"]["dice"], abs=1e-6)
+    for name in ("WT", "TC", "ET"):
+        assert on_card[f"dice-{name}"] == pytest.approx(
+            summary["per_class"][name]["dice"], abs=1e-6
+        )

@@ -13,7 +13,7 @@ import torch
 
 from medsegdiff_core.checkpoint import load_checkpoint
 from medsegdiff_core.config import InferenceConfig, parse_config
-from medsegdiff_core.data import SegmentationFolder
+from medsegdiff_core.data.layouts import open_dataset
 from medsegdiff_core.inference import evaluate_dataset
 from medsegdiff_core.metrics import segmentation_metrics
 from medsegdiff_core.training import fit
@@ -40,7 +40,10 @@ def test_tiny_model_learns_disc_and_cup(fundus_sites: list[Path], tmp_path: Path
     result = fit(config, progress=False, log=lambda _: None)
     loaded = load_checkpoint(result.checkpoint)
     test = torch.utils.data.ConcatDataset(
-        [SegmentationFolder(s / "test", loaded.classes, 32, in_channels=3) for s in fundus_sites]
+        [
+            open_dataset(s / "test", "generic", loaded.classes, 32, in_channels=3)
+            for s in fundus_sites
+        ]
     )
     cfg = InferenceConfig(sampler="dpm++", sampling_steps=10, ensemble=3, batch_size=8)
     schedule = loaded.diffusion.noise_schedule()
@@ -49,7 +52,7 @@ def test_tiny_model_learns_disc_and_cup(fundus_sites: list[Path], tmp_path: Path
         schedule,
         test,
         cfg,
-        ["disc", "cup"],
+        loaded.classes,
         device=torch.device("cpu"),
     )
 
