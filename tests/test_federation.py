@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_simulation import start_script, write_simulation
 from safetensors.torch import load_file
 
 from server.local_simulation import processes_naming, run_local
@@ -148,76 +149,16 @@ def test_release_verified_then_tampering_refused(flwr_run: Path, tmp_path: Path)
     refused(release, Path(str(other_key) + ".pub"), "manifest.sig", "does not verify")
 
 
-SIMULATION = """
-import sys
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
-
-from client import client_app
-from server import server_app
-
-RUN_CONFIG = {{"workdir": {workdir!r}, "overrides": {overrides!r}}}
-POISONED = {poisoned!r}  # partition ids whose updates are broken
-
-client = ClientApp()
-server = ServerApp()
-
-
-def with_run_config(context):
-    # run_simulation gives an empty run config, and Flower forbids changing it in place.
-    return Context(context.run_id, context.node_id, context.node_config, context.state,
-                   dict(context.run_config) | RUN_CONFIG)
-
-
-@client.train()
-def train(msg, context):
-    reply = client_app.train(msg, with_run_config(context))
-    if context.node_config["partition-id"] in POISONED:
-        arrays = reply.content["arrays"].to_torch_state_dict()
-        key = next(iter(arrays))
-        if int(msg.content["config"]["server-round"]) == 1:
-            arrays[key] = arrays[key] * float("nan")  # a diverged site
-        else:
-            arrays[key] = arrays[key][..., :1].clone()  # a site with another architecture
-        from flwr.app import ArrayRecord
-        reply.content["arrays"] = ArrayRecord(arrays)
-    return reply
-
-
-@client.evaluate()
-def evaluate(msg, context):
-    return client_app.evaluate(msg, with_run_config(context))
-
-
-@server.main()
-def main(grid, context):
-    server_app.main(grid, with_run_config(context))
-
-
-BACKEND = {{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}}
-run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
-"""
-
-
 def start_simulation(
     workdir: Path, *, rounds: int, poisoned: tuple[int, ...] = (), extra: str = ""
 ) -> subprocess.Popen:
     overrides = OVERRIDES.replace("federation.rounds=2", f"federation.rounds={rounds}") + extra
-    script = workdir.parent / f"{workdir.name}-sim.py"
-    script.write_text(
-        SIMULATION.format(workdir=str(workdir), overrides=overrides, poisoned=poisoned)
+    script = write_simulation(
+        workdir.parent / f"{workdir.name}-sim.py",
+        {"workdir": str(workdir), "overrides": overrides},
+        poisoned=poisoned,
     )
-    return subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    return start_script(script)
 
 
 def finish(process: subprocess.Popen, timeout: float = 900) -> str:
@@ -303,50 +244,6 @@ def test_a_run_whose_every_round_fails_releases_nothing(tmp_path: Path) -> None:
     assert all(r["failed"] for r in state["history"])
 
 
-VOLUME_SIMULATION = """
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
-
-from client import client_app
-from server import server_app
-
-RUN_CONFIG = {{"workdir": {workdir!r}, "experiment": {experiment!r}}}
-SITES = {sites!r}
-
-client = ClientApp()
-server = ServerApp()
-
-
-def context_for(context, node=False):
-    extra = {{}}
-    if node:
-        partition = int(context.node_config["partition-id"])
-        extra = {{"data-path": SITES[partition], "site-name": f"site-{{partition}}"}}
-    return Context(context.run_id, context.node_id, dict(context.node_config) | extra,
-                   context.state, dict(context.run_config) | RUN_CONFIG)
-
-
-@client.train()
-def train(msg, context):
-    return client_app.train(msg, context_for(context, node=True))
-
-
-@client.evaluate()
-def evaluate(msg, context):
-    return client_app.evaluate(msg, context_for(context, node=True))
-
-
-@server.main()
-def main(grid, context):
-    server_app.main(grid, context_for(context))
-
-
-BACKEND = {{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}}
-run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
-"""
-
 VOLUME_EXPERIMENT = """
 name: federated-brats-tiny
 data: {layout: brats, classes: {WT: [1, 2, 4], TC: [1, 4], ET: [4]}, image_channels: 4}
@@ -375,21 +272,14 @@ def test_model_card_dice_on_a_volume_site_is_what_evaluate_prints(tmp_path: Path
     experiment = tmp_path / "brats-tiny.yaml"
     experiment.write_text(VOLUME_EXPERIMENT)
     workdir = tmp_path / "work"
-    script = tmp_path / "volume-sim.py"
-    script.write_text(
-        VOLUME_SIMULATION.format(workdir=str(workdir), experiment=str(experiment), sites=sites)
+    script = write_simulation(
+        tmp_path / "volume-sim.py",
+        {"workdir": str(workdir), "experiment": str(experiment)},
+        node_config={
+            k: {"data-path": site, "site-name": f"site-{k}"} for k, site in enumerate(sites)
+        },
     )
-    finish(
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        )
-    )
+    finish(start_script(script))
     release = workdir / "releases" / "brats-tiny-v1"
     card = json.loads((release / "model-card.json").read_text())
     on_card = card["evaluation"]["per_site"]["site-0"]

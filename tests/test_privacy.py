@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flower_simulation import write_simulation
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -437,47 +438,6 @@ def test_client_app_reports_opacus_epsilon_and_declines_at_budget(
 
 # --- a real Flower simulation ----------------------------------------------------------------
 
-SIMULATION = """
-from flwr.app import Context
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
-
-from client import client_app
-from server import server_app
-
-RUN_CONFIG = {{"workdir": {workdir!r}, "overrides": {overrides!r}}}
-NODE_CONFIG = {node_config!r}  # what each hospital's SuperNode would set
-
-client = ClientApp()
-server = ServerApp()
-
-
-def context_for(context, node=False):
-    extra = NODE_CONFIG[int(context.node_config["partition-id"])] if node else {{}}
-    return Context(context.run_id, context.node_id, dict(context.node_config) | extra,
-                   context.state, dict(context.run_config) | RUN_CONFIG)
-
-
-@client.train()
-def train(msg, context):
-    return client_app.train(msg, context_for(context, node=True))
-
-
-@client.evaluate()
-def evaluate(msg, context):
-    return client_app.evaluate(msg, context_for(context, node=True))
-
-
-@server.main()
-def main(grid, context):
-    server_app.main(grid, context_for(context))
-
-
-BACKEND = {{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}}
-run_simulation(server, client, num_supernodes=3, backend_config=BACKEND)
-"""
-
 
 def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
@@ -497,9 +457,10 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
         "inference.ensemble=2 privacy.central=true privacy.central_clipping_norm=10 "
         "privacy.central_noise_multiplier=0.0001"
     )
-    script = tmp_path / "dp-sim.py"
-    script.write_text(
-        SIMULATION.format(workdir=str(workdir), overrides=overrides, node_config=node_config)
+    script = write_simulation(
+        tmp_path / "dp-sim.py",
+        {"workdir": str(workdir), "overrides": overrides},
+        node_config=node_config,
     )
     result = subprocess.run(
         [sys.executable, str(script)],
