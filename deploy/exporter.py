@@ -46,7 +46,7 @@ from medsegdiff_core.data.check import check_dataset, problem_kind
 from medsegdiff_core.errors import ConfigError
 from server import telemetry as server_telemetry
 
-from .hospital import HospitalConfig, MetricsTls
+from .hospital_config import HospitalConfig, MetricsTls
 
 LOG = logging.getLogger("fedmedsegdiff.exporter")
 SPLITS = ("train", "val")

@@ -47,19 +47,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import toml_text
 from .certs import Pki, create_pki
+from .net import free_port
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 MARKER = "FEDMEDSEGDIFF_DEPLOY"
 FEDERATION = "federation"  # the connection name in the flwr CLI's config.toml
 METRICS_CERT = "exporters"  # one certificate for every exporter: they all listen on 127.0.0.1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def marked_pids(tag: str, *, prefix: bool = False) -> list[int]:
@@ -101,10 +96,6 @@ def wait_port(host: str, port: int, timeout_s: float) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
-
-
-def _toml_string(value: object) -> str:
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass
@@ -222,60 +213,46 @@ class Federation:
         arguments make variants (another key, plaintext) for tests of refusals. Every SuperNode
         needs a state dir of its own."""
         tls = self.tls if insecure is None else not insecure
-        lines = [
-            f"site-name = {_toml_string(hospital.name)}",
-            f"data-path = {_toml_string(hospital.data_path)}",
-            f"state-dir = {_toml_string(state_dir or hospital.state_dir)}",
-            "",
-            "[superlink]",
-            f'address = "{self.host}:{self.superlink_port}"',
-        ]
+        superlink: dict[str, object] = {"address": f"{self.host}:{self.superlink_port}"}
         if tls:
-            lines += [
-                f"root-certificates = {_toml_string(self.pki.ca_cert)}",
-                f"auth-key = {_toml_string(auth_key or self.pki.node_key(hospital.name))}",
-            ]
+            superlink["root-certificates"] = self.pki.ca_cert
+            superlink["auth-key"] = auth_key or self.pki.node_key(hospital.name)
         else:
-            lines.append("insecure = true")
-        if max_wait_time is not None:
-            lines.append(f"max-wait-time = {max_wait_time}")
-        lines += [
-            "",
-            "[metrics]",
-            f'host = "{self.host}"',
-            f"port = {hospital.metrics_port}",
-            f"check-interval-s = {self.check_interval_s}",
-        ]
+            superlink["insecure"] = True
+        superlink["max-wait-time"] = max_wait_time
+        metrics: dict[str, object] = {
+            "host": self.host,
+            "port": hospital.metrics_port,
+            "check-interval-s": self.check_interval_s,
+        }
         if self.metrics_tls:
-            lines += [
-                f"tls-cert = {_toml_string(self.pki.metrics_cert(METRICS_CERT))}",
-                f"tls-key = {_toml_string(self.pki.metrics_key(METRICS_CERT))}",
-                f"client-ca = {_toml_string(self.pki.ca_cert)}",
-            ]
+            metrics["tls-cert"] = self.pki.metrics_cert(METRICS_CERT)
+            metrics["tls-key"] = self.pki.metrics_key(METRICS_CERT)
+            metrics["client-ca"] = self.pki.ca_cert
+        document: dict[str, object] = {
+            "site-name": hospital.name,
+            "data-path": hospital.data_path,
+            "state-dir": state_dir or hospital.state_dir,
+            "superlink": superlink,
+            "metrics": metrics,
+        }
         if self.privacy:
-            lines += ["", "[privacy]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in self.privacy.items()]
+            document["privacy"] = dict(self.privacy)
         path = path or hospital.config_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(toml_text.dumps(document))
         return path
 
     def write_cli_config(self) -> None:
         """``FLWR_HOME/config.toml`` for ``flwr``: the SuperLink's address and the CA."""
         self.cli_home.mkdir(parents=True, exist_ok=True)
-        lines = [
-            "[superlink]",
-            f'default = "{FEDERATION}"',
-            "",
-            f"[superlink.{FEDERATION}]",
-            f'address = "{self.host}:{self.superlink_port}"',
-        ]
-        lines.append(
-            f"root-certificates = {_toml_string(self.pki.ca_cert)}"
-            if self.tls
-            else "insecure = true"
-        )
-        (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n")
+        connection: dict[str, object] = {"address": f"{self.host}:{self.superlink_port}"}
+        if self.tls:
+            connection["root-certificates"] = self.pki.ca_cert
+        else:
+            connection["insecure"] = True
+        document = {"superlink": {"default": FEDERATION, FEDERATION: connection}}
+        (self.cli_home / "config.toml").write_text(toml_text.dumps(document))
 
     # -- processes ----------------------------------------------------------------------------
 
@@ -462,7 +439,7 @@ class Federation:
     ) -> subprocess.Popen:
         """The hospital's SuperNode as its systemd unit runs it (``deploy.hospital supernode``);
         ``config_path`` and ``name`` start a variant (another key, plaintext) beside it."""
-        from .hospital import HospitalConfig
+        from .hospital_config import HospitalConfig
 
         hospital = self.hospitals[site]
         config_path = config_path or hospital.config_path
@@ -576,8 +553,6 @@ class Federation:
     # -- training -----------------------------------------------------------------------------
 
     def run_command(self, run_config: Mapping[str, object]) -> list[str]:
-        from server.local_simulation import run_config_argument
-
         config = {"workdir": str(self.server_workdir), **run_config}
         return [
             "flwr",
@@ -586,7 +561,7 @@ class Federation:
             FEDERATION,
             "--stream",
             "--run-config",
-            run_config_argument(config),
+            toml_text.config_args(config),
         ]
 
     def start_run(
@@ -614,14 +589,6 @@ class Federation:
 def marked_pids_prefix(tag: str) -> list[int]:
     """PIDs of every process of the federation ``tag`` (``MARKER=tag/<daemon>``)."""
     return marked_pids(f"{tag}/", prefix=True)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return _toml_string(value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .net import free_port
+
 
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
@@ -165,8 +167,6 @@ def scraped_report(base_url: str) -> dict[str, float]:
 def start_prometheus(federation, *, interval_s: float = 2.0) -> str:
     """Start Prometheus scraping every exporter of ``federation`` (a daemon of it, stopped with
     it); its base URL."""
-    from .launch import free_port
-
     folder = federation.root / "prometheus"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "prometheus.yml"

@@ -20,6 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from deploy.toml_text import config_args, dumps
+
 APP_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,30 +34,20 @@ def write_flower_config(
     one after another. ``side_by_side`` gives each site one CPU (one torch thread) and tells Ray
     there is a CPU per site, so all sites train at once, as separate hospitals would."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    text = (
-        '[superlink]\ndefault = "local"\n\n'
-        '[superlink.local]\naddress = ":local:"\n\n'
-        f"[superlink.local.options]\nnum-supernodes = {num_supernodes}\n"
-    )
+    options: dict[str, object] = {"num-supernodes": num_supernodes}
     if side_by_side:
-        text += (
-            "\n[superlink.local.options.backend.client-resources]\nnum-cpus = 1\n"
-            f"\n[superlink.local.options.backend.init-args]\nnum-cpus = {num_supernodes}\n"
-        )
+        options["backend"] = {
+            "client-resources": {"num-cpus": 1},
+            "init-args": {"num-cpus": num_supernodes},
+        }
+    local = {"address": ":local:", "options": options}
+    text = dumps({"superlink": {"default": "local", "local": local}})
     (flwr_home / "config.toml").write_text(text)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    return "'" + str(value).replace("'", "") + "'"
 
 
 def run_config_argument(run_config: Mapping[str, object]) -> str:
     """``--run-config`` value for ``flwr run``: space-separated ``key=value`` in TOML syntax."""
-    return " ".join(f"{key}={_toml_value(value)}" for key, value in run_config.items())
+    return config_args(run_config)
 
 
 def processes_naming(text: str) -> list[int]:

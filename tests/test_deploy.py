@@ -166,6 +166,111 @@ def test_hospital_config_gives_flower_the_node_config(tmp_path: Path) -> None:
         HospitalConfig.load(path)
 
 
+def test_hospital_config_errors_are_one_line_naming_the_key(tmp_path: Path) -> None:
+    """An unknown key, a wrong-typed value or a value out of range: one line naming the file
+    and the key as the file spells it (checked with pydantic, deploy/hospital_config.py)."""
+    path = tmp_path / "hospital.toml"
+    good = (
+        'site-name = "site-a"\ndata-path = "/data/a"\nstate-dir = "/var/lib/f/a"\n'
+        '[superlink]\naddress = "127.0.0.1:9092"\ninsecure = true\n'
+    )
+    cases = {
+        good + "[metrics]\nprot = 9101\n": "metrics.prot: unknown key",
+        good + '[metrics]\nport = "9101"\n': "metrics.port: Input should be a valid integer",
+        good + "[metrics]\nport = 70000\n": "metrics.port: Input should be less than",
+        "colour = 1\n" + good: "colour: unknown key",
+        good.replace("insecure = true", 'insecure = "yes"'): "superlink.insecure: Input should",
+        good + '[data]\nimage-channels = "3"\n': "data.image-channels: Input should",
+        good + "[data]\nclasses = { disc = [0] }\n": "data.classes: class 'disc'",
+        good + "[privacy]\ntarget_epsilon = -1\n": "privacy.target_epsilon: Input should be",
+        good.replace('site-name = "site-a"\n', ""): "site-name: Field required",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            HospitalConfig.load(path)
+        assert str(caught.value).startswith(f"{path}: {message}"), (text, str(caught.value))
+        assert "\n" not in str(caught.value)
+    path.write_text(good + "[metrics]\nport = 9200\ncheck-interval-s = 5\n")
+    config = HospitalConfig.load(path)
+    assert (config.metrics_port, config.check_interval_s, config.insecure) == (9200, 5.0, True)
+
+
+def test_one_toml_writer_round_trips(tmp_path: Path) -> None:
+    """deploy/toml_text.py writes the hospital TOML, the flwr CLI config and Flower's
+    ``key=value`` arguments; what it writes reads back as it was given."""
+    import tomllib
+    from flwr.common.config import parse_config_args
+
+    from deploy.toml_text import config_args, dumps
+    from server.local_simulation import run_config_argument
+
+    document = {
+        "site-name": "site a",
+        "data-path": Path('/data/C:\\odd "dir"'),
+        "skipped": None,
+        "superlink": {"address": "h:1", "insecure": True, "max-wait-time": 1.5},
+        "data": {"classes": {"disc": [1, 2], "cup": [2]}, "skip-cases": []},
+        "privacy": {"enabled": True, "target_epsilon": 8.0},
+        "superlink.x": {"nested": {"deeper": {"n": 3}}},
+    }
+    text = dumps(document)
+    expected = {k: v for k, v in document.items() if v is not None}
+    expected["data-path"] = str(document["data-path"])
+    assert tomllib.loads(text) == expected
+    path = tmp_path / "hospital.toml"
+    hospital = {k: expected[k] for k in ("site-name", "data-path", "superlink", "data")}
+    path.write_text(dumps({**hospital, "state-dir": "/s"}))
+    assert HospitalConfig.load(path).data_path == Path(str(document["data-path"]))
+    items = {"a": "x y", "b": 'say "hi"', "c": "C:\\x", "d": 3, "e": 0.25, "f": False}
+    assert parse_config_args([config_args(items)]) == items
+    assert run_config_argument(items) == config_args(items)
+    with pytest.raises(ConfigError, match="both"):
+        config_args({"a": 'it\'s "x"'})
+
+
+def test_deploy_imports_flow_one_way() -> None:
+    """No import circle among deploy/*.py, counting imports inside functions: each module may
+    import only modules below it (e.g. hospital -> exporter -> hospital_config)."""
+    import ast
+
+    modules = {path.stem: path for path in (ROOT / "deploy").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative to the deploy package
+                    base = "deploy" + (f".{base}" if base else "")
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                if parts[0] == "deploy" and len(parts) > 1 and parts[1] in modules:
+                    found.add(parts[1])
+        graph[name] = found - {name}
+    assert graph["exporter"] and graph["launch"], graph  # the walk sees the imports
+
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycle = path[path.index(name) :] + [name]
+            raise AssertionError(f"import circle in deploy/: {' -> '.join(cycle)}")
+        if name in done:
+            return
+        for target in sorted(graph[name]):
+            visit(target, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
 def test_exporters_bind_loopback_by_default() -> None:
     """What ships binds /metrics to 127.0.0.1 (or publishes it there): the metrics of a hospital
     are for its coordinator's Prometheus, over the VPN and TLS once configured, not for anyone."""
