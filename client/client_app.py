@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,6 +25,7 @@ from medsegdiff_core.privacy import (
     secret_generator,
     secret_seed,
 )
+from medsegdiff_core.records import PrivacyRecord, SiteMetrics
 from medsegdiff_core.training import (
     ProximalTerm,
     autocast_dtype,
@@ -51,17 +51,19 @@ def _model_from(msg: Message, site: Site) -> MedSegDiffUNet:
 def _reply(
     msg: Message,
     site: Site,
-    metrics: dict,
+    metrics: SiteMetrics | dict,
     arrays: ArrayRecord | None = None,
-    privacy: dict[str, Any] | None = None,
+    privacy: PrivacyRecord | None = None,
 ) -> Message:
+    if isinstance(metrics, SiteMetrics):
+        metrics = metrics.to_dict()
     content = RecordDict(
         {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
     )
     if arrays is not None:
         content["arrays"] = arrays
     if privacy is not None:
-        content["privacy"] = ConfigRecord(privacy)
+        content["privacy"] = ConfigRecord(privacy.to_config())
     return Message(content=content, reply_to=msg)
 
 
@@ -125,12 +127,12 @@ def train(msg: Message, context: Context) -> Message:
         objective=config.diffusion.objective(),
     )
     _keep_optimizer(optimizer, site, run_uid, server_round)
-    metrics = {
-        "num-examples": len(data),
-        "train-loss": stats.loss,
-        "train-steps": stats.steps,
-        "train-seconds": stats.seconds,
-    }
+    metrics = SiteMetrics(
+        num_examples=len(data),
+        train_loss=stats.loss,
+        train_steps=stats.steps,
+        train_seconds=stats.seconds,
+    )
     return _reply(msg, site, metrics, ArrayRecord(model.state_dict()), privacy_record(None))
 
 
@@ -169,7 +171,8 @@ def _train_private(
             decision=decision,
             grad_sample_mode=privacy.grad_sample_mode,
         )
-        return _reply(msg, site, {"num-examples": len(data), "train-steps": 0}, privacy=record)
+        metrics = SiteMetrics(num_examples=len(data), train_steps=0)
+        return _reply(msg, site, metrics, privacy=record)
 
     model = make_dp_compatible(_model_from(msg, site))
     # All randomness of a DP round is secret (the experiment seed is known to the server): the
@@ -208,12 +211,12 @@ def _train_private(
         plan.noise_multiplier,
         plan.sample_rate,
     )
-    metrics = {
-        "num-examples": len(data),
-        "train-loss": stats.loss,
-        "train-steps": stats.steps,
-        "train-seconds": stats.seconds,
-    }
+    metrics = SiteMetrics(
+        num_examples=len(data),
+        train_loss=stats.loss,
+        train_steps=stats.steps,
+        train_seconds=stats.seconds,
+    )
     record = privacy_record(
         plan,
         delta=decision.delta,

@@ -23,6 +23,7 @@ from typing import Any
 
 from medsegdiff_core.config import ExperimentConfig, parse_config, resolve_workdir
 from medsegdiff_core.privacy import BudgetDecision, PrivacyLedger, PrivacyPlan
+from medsegdiff_core.records import PrivacyRecord
 
 from .site import Site
 
@@ -71,8 +72,8 @@ def privacy_record(
     grad_sample_mode: str = "",
     steps: int = 0,
     empty_batches: int = 0,
-) -> dict[str, Any]:
-    """The ``privacy`` ConfigRecord of a train reply: DP off, or the epsilon spent so far.
+) -> PrivacyRecord:
+    """The ``privacy`` record of a train reply: DP off, or the epsilon spent so far.
 
     ``delta`` is the one the site's ledger pinned (the plan's when not given).
 
@@ -80,24 +81,24 @@ def privacy_record(
     requires every site's metrics to have the same keys, and a site without DP has no epsilon.
     """
     if plan is None:
-        return {"enabled": False, "declined": False}
+        return PrivacyRecord(enabled=False, declined=False)
     declined = decision is not None and not decision.granted
-    return {
-        "enabled": True,
-        "declined": declined,
-        "reason": decision.reason if declined and decision is not None else "",
-        "epsilon": float(epsilon),
-        "delta": plan.delta if delta is None else delta,
-        "delta-default": plan.delta_is_default,
-        "target-epsilon": plan.target_epsilon,
-        "noise-multiplier": plan.noise_multiplier,
-        "noise-calibrated": plan.noise_calibrated,
-        "planned-rounds": plan.planned_rounds,
-        "sample-rate": plan.sample_rate,
-        "max-grad-norm": plan.max_grad_norm,
-        "num-examples": plan.num_examples,
-        "steps": steps,
-        "empty-batches": empty_batches,
-        "rounds-trained": rounds_trained,
-        "grad-sample-mode": grad_sample_mode,
-    }
+    return PrivacyRecord(
+        enabled=True,
+        declined=declined,
+        reason=decision.reason if declined and decision is not None else "",
+        epsilon=float(epsilon),
+        delta=plan.delta if delta is None else delta,
+        delta_default=plan.delta_is_default,
+        target_epsilon=plan.target_epsilon,
+        noise_multiplier=plan.noise_multiplier,
+        noise_calibrated=plan.noise_calibrated,
+        planned_rounds=plan.planned_rounds,
+        sample_rate=plan.sample_rate,
+        max_grad_norm=plan.max_grad_norm,
+        num_examples=plan.num_examples,
+        steps=steps,
+        empty_batches=empty_batches,
+        rounds_trained=rounds_trained,
+        grad_sample_mode=grad_sample_mode,
+    )

@@ -34,6 +34,7 @@ from flwr.app import Context, Message
 from flwr.common import log
 
 from medsegdiff_core.checkpoint import atomic_write_bytes
+from medsegdiff_core.records import PrivacyRecord, SiteMetrics
 
 TELEMETRY_FILE = "telemetry.json"
 FORMAT = "fedmedsegdiff-site-telemetry"
@@ -119,31 +120,31 @@ def record_reply(
     """Fold one handler's reply into the site's telemetry."""
     kind = _kind(msg)
     metrics = (
-        dict(reply.content["metrics"])
+        SiteMetrics.from_dict(reply.content["metrics"])
         if not reply.has_error() and "metrics" in reply.content.metric_records
-        else {}
+        else SiteMetrics()
     )
     privacy = (
-        dict(reply.content["privacy"])
+        PrivacyRecord.from_config(reply.content["privacy"])
         if not reply.has_error() and "privacy" in reply.content.config_records
-        else {}
+        else None
     )
     with _updating(state_dir) as data:
         data["site"] = site
         part = data[kind]
         part["bytes_received"] += _array_bytes(msg)
         part["bytes_sent"] += _array_bytes(reply)
-        if privacy.get("declined"):
+        if privacy is not None and privacy.declined:
             part["declined"] = part.get("declined", 0) + 1
-            data["privacy"] = privacy
+            data["privacy"] = privacy.to_config()
             return
         part["completed"] += 1
         part["last_round"] = _round(msg)
         part["last_success_time"] = time.time() if now is None else now
         part["last_duration_s"] = seconds
-        part["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        if privacy:
-            data["privacy"] = privacy
+        part["metrics"] = metrics.to_dict()
+        if privacy is not None:
+            data["privacy"] = privacy.to_config()
 
 
 def record_failure(

@@ -32,9 +32,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
@@ -44,12 +45,14 @@ from client import telemetry as site_telemetry
 from medsegdiff_core.config import DataConfig
 from medsegdiff_core.data.check import check_dataset, problem_kind
 from medsegdiff_core.errors import ConfigError
+from medsegdiff_core.records import PrivacyRecord, RecordError, SiteMetrics
 from server import telemetry as server_telemetry
 
 from .hospital_config import HospitalConfig, MetricsTls
 
 LOG = logging.getLogger("fedmedsegdiff.exporter")
 SPLITS = ("train", "val")
+R = TypeVar("R")
 CHECK_FAILED = "check_failed"  # the kind of a check that could not run (folder missing, ...)
 
 
@@ -167,6 +170,18 @@ class DataWatcher:
                 return
 
 
+def _recorded(parse: Callable[[Any], R], data: object, empty: R) -> R:
+    """A record from the site's telemetry file; ``empty`` when there is none or it is not one
+    (a file from another version: logged, the scrape goes on)."""
+    if not data:
+        return empty
+    try:
+        return parse(data)
+    except RecordError as exc:
+        LOG.warning("telemetry: %s", exc)
+        return empty
+
+
 # --------------------------------------------------------------------------------------------
 # Site collector
 # --------------------------------------------------------------------------------------------
@@ -194,8 +209,8 @@ class SiteCollector(Collector):
             family.add_metric(s, float(value))
             return family
 
-        train_metrics = train.get("metrics", {})
-        eval_metrics = evaluate.get("metrics", {})
+        train_metrics = _recorded(SiteMetrics.from_dict, train.get("metrics"), SiteMetrics())
+        eval_metrics = _recorded(SiteMetrics.from_dict, evaluate.get("metrics"), SiteMetrics())
         yield counter("rounds_completed", "training rounds this site completed", train["completed"])
         yield counter(
             "evaluations_completed", "federated evaluations completed", evaluate["completed"]
@@ -235,44 +250,31 @@ class SiteCollector(Collector):
             train.get("last_success_time"),
         )
         yield from gauge(
-            "local_examples", "training examples (slices) used", train_metrics.get("num-examples")
+            "local_examples", "training examples (slices) used", train_metrics.num_examples
         )
         yield from gauge(
-            "training_loss", "mean training loss of the last round", train_metrics.get("train-loss")
+            "training_loss", "mean training loss of the last round", train_metrics.train_loss
         )
+        yield from gauge("validation_examples", "validation examples", eval_metrics.num_examples)
         yield from gauge(
-            "validation_examples", "validation examples", eval_metrics.get("num-examples")
-        )
-        yield from gauge(
-            "validation_dice",
-            "mean Dice on the site's val/ (last evaluation)",
-            eval_metrics.get("dice"),
+            "validation_dice", "mean Dice on the site's val/ (last evaluation)", eval_metrics.dice
         )
         per_class = _gauge(
             "fedmedsegdiff_site_validation_class_dice", "Dice per class on val/", ["site", "class"]
         )
-        for key, value in eval_metrics.items():
-            if key.startswith("dice-"):
-                per_class.add_metric([self.site, key.removeprefix("dice-")], float(value))
+        for name, value in eval_metrics.class_dice.items():
+            per_class.add_metric([self.site, name], float(value))
         yield per_class
-        privacy = data.get("privacy") or {}
+        privacy = _recorded(PrivacyRecord.from_config, data.get("privacy"), PrivacyRecord())
         yield from gauge(
-            "dp_enabled",
-            "1 when the site trains with DP-SGD",
-            1.0 if privacy.get("enabled") else 0.0,
+            "dp_enabled", "1 when the site trains with DP-SGD", 1.0 if privacy.enabled else 0.0
         )
-        if privacy.get("enabled"):
+        if privacy.enabled:
+            yield from gauge("epsilon_spent", "DP epsilon spent over all rounds", privacy.epsilon)
             yield from gauge(
-                "epsilon_spent", "DP epsilon spent over all rounds", privacy.get("epsilon")
+                "epsilon_budget", "the site's DP budget (target epsilon)", privacy.target_epsilon
             )
-            yield from gauge(
-                "epsilon_budget",
-                "the site's DP budget (target epsilon)",
-                privacy.get("target-epsilon"),
-            )
-            yield from gauge(
-                "dp_delta", "DP delta at which epsilon is stated", privacy.get("delta")
-            )
+            yield from gauge("dp_delta", "DP delta at which epsilon is stated", privacy.delta)
         error = data.get("last_error") or {}
         yield from gauge(
             "last_error_timestamp_seconds",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,13 @@ from medsegdiff_core.checkpoint import (
 from medsegdiff_core.config import ExperimentConfig
 from medsegdiff_core.errors import CheckpointError
 from medsegdiff_core.model import MedSegDiffUNet
-
-from .telemetry import round_counts
+from medsegdiff_core.records import (
+    RecordError,
+    RoundRecord,
+    history_from_json,
+    history_to_json,
+    round_counts,
+)
 
 # Settings that may change between a crash and the restart without changing the run.
 _RESUMABLE_FIELDS = {"federation": {"rounds", "round_timeout_s"}}
@@ -47,19 +53,19 @@ def config_digest(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def registered_examples(history: list[dict[str, Any]]) -> dict[str, int]:
+def registered_examples(history: list[RoundRecord]) -> dict[str, int]:
     """Each site's first accepted num-examples of the run: the most it may claim later."""
     registered: dict[str, int] = {}
     for record in history:
-        for site, metrics in record.get("site_train", {}).items():
-            registered.setdefault(site, int(metrics.get("num-examples", 0)))
+        for site, metrics in record.site_train.items():
+            registered.setdefault(site, metrics.num_examples or 0)
     return registered
 
 
 @dataclass
 class RunState:
     completed_round: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     # Names this run for the sites (their kept optimizer state) across server restarts.
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The server's momentum after ``completed_round`` (empty without momentum).
@@ -98,7 +104,11 @@ class RunStore:
                 f"{self.state_path}: this run directory holds a run of a different experiment "
                 "config; give the experiment another name or move the directory away"
             )
-        state = RunState(saved["completed_round"], saved["history"])
+        try:
+            history = history_from_json(saved["history"], source=str(self.state_path))
+        except RecordError as exc:
+            raise CheckpointError(str(exc)) from None
+        state = RunState(saved["completed_round"], history)
         state.uid = saved.get("uid") or state.uid
         if self.momentum_path(state.completed_round).exists():
             state.velocity = load_tensors(self.momentum_path(state.completed_round))
@@ -109,12 +119,13 @@ class RunStore:
         self,
         state: RunState,
         model: MedSegDiffUNet,
-        record: dict[str, Any],
+        record: RoundRecord | Mapping[str, Any],
         velocity: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Persist the model (and the server momentum) after ``record['round']``, then commit
+        """Persist the model (and the server momentum) after ``record.round``, then commit
         the state."""
-        server_round = int(record["round"])
+        record = RoundRecord.parse(record)
+        server_round = record.round
         if velocity:
             save_tensors(self.momentum_path(server_round), velocity)
             state.velocity = velocity
@@ -127,8 +138,8 @@ class RunStore:
             "config_digest": self.digest,
             "completed_round": state.completed_round,
             "uid": state.uid,
-            "counts": round_counts(state.history),
-            "history": state.history,
+            "counts": round_counts(state.history).to_json(),
+            "history": history_to_json(state.history),
         }
         atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())
         for old in sorted(self.directory.glob("round-*.safetensors"))[: -self.keep]:

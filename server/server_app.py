@@ -7,7 +7,6 @@ averaging are Flower's own strategies.
 
 from __future__ import annotations
 
-import math
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -22,7 +21,17 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from medsegdiff_core.checkpoint import save_experiment_checkpoint
 from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
 from medsegdiff_core.model import MedSegDiffUNet
-from medsegdiff_core.privacy import epsilon_of
+from medsegdiff_core.records import (
+    NUM_EXAMPLES,
+    CappedClaim,
+    CentralDPRound,
+    PrivacyRecord,
+    RecordError,
+    RoundRecord,
+    SiteMetrics,
+    SiteReason,
+    round_counts,
+)
 from medsegdiff_core.release import (
     PASSPHRASE_ENV,
     generate_signing_key,
@@ -34,9 +43,9 @@ from medsegdiff_core.release import (
 from medsegdiff_core.training import seed_everything
 
 from .central_dp import CentralDP
+from .model_card import model_card
 from .run_store import RunState, RunStore, registered_examples
 from .server_momentum import ServerMomentum
-from .telemetry import round_counts
 from .validation import cap_claimed_examples, screen_updates, site_name
 
 APP_ROOT = Path(__file__).resolve().parents[1]
@@ -73,21 +82,25 @@ def make_central_dp(config: ExperimentConfig) -> CentralDP | None:
     return CentralDP(pc.central_noise_multiplier, pc.central_clipping_norm)
 
 
+def _privacy_of(msg: Message) -> PrivacyRecord | None:
+    """The privacy record a site sent with its reply (None: none, or one that does not parse,
+    which screening then rejects)."""
+    if msg.has_error() or "privacy" not in msg.content.config_records:
+        return None
+    try:
+        return PrivacyRecord.from_config(msg.content["privacy"])
+    except RecordError:
+        return None
+
+
 def _declined(msg: Message) -> bool:
     """A site that declined the round (its privacy budget would be exceeded)."""
-    return (
-        not msg.has_error()
-        and "privacy" in msg.content.config_records
-        and bool(msg.content["privacy"].get("declined", False))
-    )
+    privacy = _privacy_of(msg)
+    return privacy is not None and privacy.declined
 
 
-def _privacy_records(replies: list[Message]) -> dict[str, dict[str, Any]]:
-    return {
-        site_name(m): dict(m.content["privacy"])
-        for m in replies
-        if not m.has_error() and "privacy" in m.content.config_records
-    }
+def _privacy_records(replies: list[Message]) -> dict[str, PrivacyRecord]:
+    return {site_name(m): p for m in replies if (p := _privacy_of(m)) is not None}
 
 
 def initial_weights(config: ExperimentConfig) -> ArrayRecord:
@@ -95,8 +108,27 @@ def initial_weights(config: ExperimentConfig) -> ArrayRecord:
     return ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict())
 
 
-def _site_metrics(replies: list[Message]) -> dict[str, dict[str, Any]]:
-    return {site_name(m): dict(m.content["metrics"]) for m in replies if not m.has_error()}
+def _site_metrics(replies: list[Message], server_round: int) -> dict[str, SiteMetrics]:
+    """Each replying site's metrics; one that does not parse is logged and left out."""
+    metrics: dict[str, SiteMetrics] = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        source = f"{site_name(msg)}'s metrics"
+        try:
+            metrics[site_name(msg)] = SiteMetrics.from_dict(msg.content["metrics"], source=source)
+        except RecordError as exc:
+            log(ERROR, "round %d: %s", server_round, exc)
+    return metrics
+
+
+def _averaged(metrics: Any, server_round: int, extra: dict[str, Any] | None = None) -> SiteMetrics:
+    """Flower's weighted average of the sites' metrics (empty when it does not parse: logged)."""
+    try:
+        return SiteMetrics.from_dict(dict(metrics or {}) | (extra or {}), source="averaged metrics")
+    except RecordError as exc:
+        log(ERROR, "round %d: %s", server_round, exc)
+        return SiteMetrics()
 
 
 def _wait_for_sites(grid: Grid, minimum: int, *, timeout_s: float) -> None:
@@ -121,7 +153,7 @@ def run_round(
     run_uid: str,
     central: CentralDP | None = None,
     registered: dict[str, int] | None = None,
-) -> tuple[ArrayRecord, dict[str, Any]]:
+) -> tuple[ArrayRecord, RoundRecord]:
     """Train on the sites, screen and average their updates, apply the server momentum,
     evaluate; return new weights and the round's record for the history.
 
@@ -138,15 +170,15 @@ def run_round(
     replies = list(grid.send_and_receive(instructions, timeout=fed.round_timeout_s))
     replies_s = time.monotonic() - start
     declined = sorted((m for m in replies if _declined(m)), key=site_name)
+    privacy = _privacy_records(replies)
     for msg in declined:
         log(
             WARNING,
             "round %d: %s declined to train: %s",
             server_round,
             site_name(msg),
-            msg.content["privacy"].get("reason", ""),
+            privacy[site_name(msg)].reason or "",
         )
-    privacy = _privacy_records(replies)
     replies = [m for m in replies if not _declined(m)]
     screening = screen_updates(
         replies, arrays, norm_factor=None if central else fed.norm_outlier_factor
@@ -167,19 +199,17 @@ def run_round(
             claim.used,
             fed.max_weight_ratio,
         )
-    record: dict[str, Any] = {
-        "round": server_round,
-        "sites_trained": sorted(site_name(m) for m in screening.accepted),
-        "rejected": [{"site": s, "reason": r} for s, r in screening.rejected],
-        "declined": [
-            {"site": site_name(m), "reason": str(m.content["privacy"].get("reason", ""))}
+    record = RoundRecord(
+        round=server_round,
+        sites_trained=sorted(site_name(m) for m in screening.accepted),
+        rejected=[SiteReason(site=s, reason=r) for s, r in screening.rejected],
+        declined=[
+            SiteReason(site=site_name(m), reason=privacy[site_name(m)].reason or "")
             for m in declined
         ],
-        "privacy": privacy,
-        "capped_examples": [{"site": c.site, "claimed": c.claimed, "used": c.used} for c in capped],
-        "train": {},
-        "evaluate": {},
-    }
+        privacy=privacy,
+        capped_examples=[CappedClaim(site=c.site, claimed=c.claimed, used=c.used) for c in capped],
+    )
     if len(screening.accepted) < fed.min_sites:
         log(
             ERROR,
@@ -188,38 +218,33 @@ def run_round(
             len(screening.accepted),
             fed.min_sites,
         )
-        record["failed"] = True
+        record.failed = True
     else:
         if central is not None:
             new_arrays = central.aggregate(
                 arrays, [m.content["arrays"] for m in screening.accepted], len(instructions)
             )
             train_metrics = aggregate_metricrecords(
-                [m.content for m in screening.accepted], "num-examples"
+                [m.content for m in screening.accepted], NUM_EXAMPLES
             )
-            record["central_dp"] = {
-                "sites_sampled": len(instructions),
-                "updates_averaged": len(screening.accepted),
-            }
+            record.central_dp = CentralDPRound(
+                sites_sampled=len(instructions), updates_averaged=len(screening.accepted)
+            )
         else:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
         if new_arrays is not None:
             arrays = momentum.step(arrays, new_arrays)
         # Flower's weighted average drops the weighting key; the total is worth keeping.
-        record["train"] = dict(train_metrics or {}) | {
-            "num-examples": sum(
-                int(m.content["metrics"]["num-examples"]) for m in screening.accepted
-            )
-        }
+        total = sum(int(m.content["metrics"][NUM_EXAMPLES]) for m in screening.accepted)
+        record.train = _averaged(train_metrics, server_round, {NUM_EXAMPLES: total})
     train_wall = time.monotonic() - start
-    site_train = _site_metrics(screening.accepted)
-    slowest = max((m.get("train-seconds", 0.0) for m in site_train.values()), default=0.0)
-    record["site_train"] = site_train
-    record["train_wall_s"] = train_wall
-    record["train_replies_s"] = replies_s  # the rest of train_wall is screening and averaging
-    record["round_overhead"] = train_wall / slowest if slowest > 0 else None
-    record["update_bytes"] = sum(m.content["arrays"].count_bytes() for m in screening.accepted)
-    record["model_bytes"] = arrays.count_bytes()
+    record.site_train = _site_metrics(screening.accepted, server_round)
+    slowest = max((m.train_seconds or 0.0 for m in record.site_train.values()), default=0.0)
+    record.train_wall_s = train_wall
+    record.train_replies_s = replies_s  # the rest of train_wall is screening and averaging
+    record.round_overhead = train_wall / slowest if slowest > 0 else None
+    record.update_bytes = sum(m.content["arrays"].count_bytes() for m in screening.accepted)
+    record.model_bytes = arrays.count_bytes()
 
     if fed.fraction_evaluate > 0 and (
         server_round % fed.evaluate_every == 0 or server_round == fed.rounds
@@ -232,9 +257,9 @@ def run_round(
         )
         replies.sort(key=site_name)
         evaluated = strategy.aggregate_evaluate(server_round, replies)
-        record["evaluate"] = dict(evaluated or {})
-        record["site_evaluate"] = _site_metrics(replies)
-    record["wall_s"] = time.monotonic() - start
+        record.evaluate = _averaged(evaluated, server_round)
+        record.site_evaluate = _site_metrics(replies, server_round)
+    record.wall_s = time.monotonic() - start
     return arrays, record
 
 
@@ -274,146 +299,6 @@ def publish_release(
     )
 
 
-def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet) -> dict:
-    """What a hospital should know before running the model."""
-    last_eval = next((r for r in reversed(state.history) if r.get("evaluate")), {})
-    sites: dict[str, int] = {}
-    for record in state.history:
-        for site, metrics in record.get("site_train", {}).items():
-            sites[site] = int(metrics.get("num-examples", 0))
-    fed = config.federation
-    return {
-        "summary": (
-            f"MedSegDiff ({config.model.preset} preset) trained with Flower across "
-            f"{len(sites)} sites; no images left any site."
-        ),
-        "model": {
-            "preset": config.model.preset,
-            "image_size": model.spec.image_size,
-            "image_channels": model.spec.image_channels,
-            "classes": config.data.classes,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "training": {
-            "strategy": fed.strategy,
-            "proximal_mu": fed.proximal_mu if fed.strategy == "fedprox" else None,
-            "server_momentum": fed.server_momentum,
-            "server_lr": fed.server_lr,
-            "sites_keep_optimizer_state": fed.keep_optimizer_state,
-            "rounds": state.completed_round,
-            "local_steps": fed.local_steps,
-            "batch_size": config.train.batch_size,
-            "lr": config.train.lr,
-            "diffusion": config.diffusion.model_dump(),
-        },
-        "data_sites": [{"site": s, "train_examples": n} for s, n in sorted(sites.items())],
-        "evaluation": {
-            "round": last_eval.get("round"),
-            "sampler": config.inference.sampler,
-            "sampling_steps": config.inference.sampling_steps,
-            "ensemble": config.inference.ensemble,
-            "fusion": config.inference.fusion,
-            "global": last_eval.get("evaluate", {}),
-            "per_site": last_eval.get("site_evaluate", {}),
-        },
-        "privacy": privacy_card(config, state),
-        "rounds": round_counts(state.history),
-    }
-
-
-def privacy_card(config: ExperimentConfig, state: RunState) -> dict[str, Any]:
-    """The model card's privacy section: each site's final epsilon and delta, as the sites
-    reported them, and the central DP guarantee when the server added one."""
-    sites: dict[str, dict[str, Any]] = {}
-    for record in state.history:
-        trained = set(record.get("sites_trained", []))
-        declined = {d["site"] for d in record.get("declined", [])}
-        for site, reported in record.get("privacy", {}).items():
-            entry = sites.setdefault(
-                site, {"dp": True, "rounds_trained": [], "declined_rounds": []}
-            )
-            if site in trained:
-                entry["rounds_trained"].append(record["round"])
-                if not reported.get("enabled"):
-                    entry["dp"] = False  # one round without DP voids the site's guarantee
-            if site in declined:
-                entry["declined_rounds"].append(record["round"])
-            if reported.get("enabled"):
-                entry["reported"] = reported
-    per_site: dict[str, dict[str, Any]] = {}
-    for site, entry in sorted(sites.items()):
-        reported = entry.pop("reported", None)
-        if not entry["rounds_trained"] and reported is None:
-            continue
-        if entry["dp"] and reported is not None:
-            entry |= {
-                "epsilon": reported["epsilon"],
-                "delta": reported["delta"],
-                "target_epsilon": reported["target-epsilon"],
-                "noise_multiplier": reported["noise-multiplier"],
-                "sample_rate": reported["sample-rate"],
-                "max_grad_norm": reported["max-grad-norm"],
-                "train_slices": reported["num-examples"],
-            }
-        else:
-            entry |= {"dp": False, "epsilon": None, "delta": None}
-        per_site[site] = entry
-    dp_sites = [s for s, e in per_site.items() if e["dp"]]
-    if dp_sites and len(dp_sites) == len(per_site):
-        summary = "per-site DP-SGD (Opacus) at every site"
-    elif dp_sites:
-        summary = "per-site DP-SGD (Opacus) at " + ", ".join(dp_sites) + " only"
-    else:
-        summary = "off"
-    if config.privacy.central:
-        summary += "; central DP on the aggregate (server side)"
-    card: dict[str, Any] = {
-        "differential_privacy": summary,
-        "local": {
-            "unit": "one training slice (2-D image + mask) of a site",
-            "guarantee": (
-                "(epsilon, delta)-DP of everything the site sent, over all rounds it trained "
-                "in; Opacus RDP accountant, Poisson sampling, per-sample clipping"
-            ),
-            "not_covered": [
-                "federated evaluation: each site's Dice on its validation split is exact",
-                "each site's number of training slices (FedAvg weights) is reported exactly",
-                "a patient with k slices is protected at k * epsilon (group privacy)",
-            ],
-        },
-        "sites": per_site,
-        "central": central_card(config, state),
-    }
-    return card
-
-
-def central_card(config: ExperimentConfig, state: RunState) -> dict[str, Any] | None:
-    """Server-side central DP: what it adds and protects (None when off)."""
-    pc = config.privacy
-    if not pc.central:
-        return None
-    releases = sum(1 for r in state.history if "central_dp" in r)
-    sampled = [r["central_dp"].get("sites_sampled") for r in state.history if "central_dp" in r]
-    epsilon = epsilon_of([(pc.central_noise_multiplier, 1.0, releases)], pc.central_delta)
-    return {
-        "mechanism": "each accepted site update clipped to L2 norm C, summed and divided by "
-        "the k sites sampled for the round (a sampled site without an accepted update adds "
-        "zero), Gaussian noise of std sigma * C / k added; no screening that compares sites "
-        "before clipping",
-        "sites_sampled_per_round": sampled,
-        "noise_multiplier": pc.central_noise_multiplier,
-        "clipping_norm": pc.central_clipping_norm,
-        "noisy_rounds": releases,
-        "epsilon": epsilon if math.isfinite(epsilon) else None,  # None: no noise, no guarantee
-        "delta": pc.central_delta,
-        "protects": "site-level: whether any one site took part, and its whole data, against "
-        "everyone who sees the global models or the release (sites, model users)",
-        "does_not_protect": "anything from the server itself, which sees each site's raw "
-        "update before clipping and noise (local DP-SGD at the sites protects against it); "
-        "the guarantee assumes every site is sampled each round (no amplification counted)",
-    }
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = config_from_run_config(context.run_config, APP_ROOT)
@@ -451,25 +336,25 @@ def main(grid: Grid, context: Context) -> None:
             INFO,
             "round %d: train %s, evaluate %s",
             server_round,
-            record["train"],
-            record["evaluate"],
+            record.train.to_dict(),
+            record.evaluate.to_dict(),
         )
-        if record.get("failed") and record["declined"]:
+        if record.failed and record.declined:
             # A budget only shrinks: the sites that declined would decline every later round.
             log(
                 ERROR,
                 "round %d: too few sites have privacy budget left (%s declined) for "
                 "federation.min_sites=%d; training stops here",
                 server_round,
-                ", ".join(d["site"] for d in record["declined"]),
+                ", ".join(d.site for d in record.declined),
                 config.federation.min_sites,
             )
             break
     counts = round_counts(state.history)
-    if counts["rounds_succeeded"] == 0:
+    if counts.rounds_succeeded == 0:
         message = (
-            f"no round of {config.name} succeeded ({counts['rounds_failed']} failed, "
-            f"{counts['updates_rejected']} updates rejected, {counts['updates_declined']} "
+            f"no round of {config.name} succeeded ({counts.rounds_failed} failed, "
+            f"{counts.updates_rejected} updates rejected, {counts.updates_declined} "
             f"declined; see {store.state_path}): nothing trained, so no release is signed"
         )
         log(ERROR, message)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsegdiff_core.records import RoundRecord, SiteMetrics, history_from_json, round_counts
+
 STATE_FILE = "state.json"
 
 
@@ -25,7 +27,7 @@ class RunSnapshot:
 
     name: str
     completed_round: int
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     updated: float  # state.json's modification time: when the last round was committed
     finished: bool = False  # the final model was written (the run is over)
 
@@ -76,7 +78,7 @@ def read_runs(runs_dir: Path) -> list[RunSnapshot]:
                 RunSnapshot(
                     path.parent.name,
                     int(saved["completed_round"]),
-                    list(saved["history"]),
+                    history_from_json(saved["history"], source=str(path)),
                     updated,
                     (path.parent / "final" / "model.json").exists(),
                 )
@@ -84,19 +86,6 @@ def read_runs(runs_dir: Path) -> list[RunSnapshot]:
         except (OSError, ValueError, KeyError, TypeError):
             continue  # being replaced this instant, or not a run: the next scrape sees it
     return runs
-
-
-def round_counts(history: list[dict[str, Any]]) -> dict[str, int]:
-    """How the rounds of a run went: what ``state.json`` and the model card both state."""
-    failed = sum(1 for r in history if r.get("failed"))
-    return {
-        "rounds": len(history),
-        "rounds_succeeded": len(history) - failed,
-        "rounds_failed": failed,
-        "updates_rejected": sum(len(r.get("rejected", [])) for r in history),
-        "updates_declined": sum(len(r.get("declined", [])) for r in history),
-        "claims_capped": sum(len(r.get("capped_examples", [])) for r in history),
-    }
 
 
 def _number(value: Any) -> float | None:
@@ -107,53 +96,49 @@ def run_metrics(run: RunSnapshot) -> RunMetrics:
     """The figures of a run, from its history."""
     history = run.history
     counts = round_counts(history)
-    last = history[-1] if history else {}
-    last_train = next((r["train"] for r in reversed(history) if r.get("train")), {})
-    last_eval = next((r["evaluate"] for r in reversed(history) if r.get("evaluate")), {})
+    last = history[-1] if history else None
+    last_train = next((r.train for r in reversed(history) if r.train), SiteMetrics())
+    last_eval = next((r.evaluate for r in reversed(history) if r.evaluate), SiteMetrics())
     bytes_sent = 0
     for record in history:
-        messaged = (
-            len(record.get("sites_trained", []))
-            + len(record.get("rejected", []))
-            + len(record.get("declined", []))
-        )
-        evaluated = len(record.get("site_evaluate", {}))
-        bytes_sent += int(record.get("model_bytes", 0)) * (messaged + evaluated)
+        messaged = len(record.sites_trained) + len(record.rejected) + len(record.declined)
+        evaluated = len(record.site_evaluate or {})
+        bytes_sent += record.model_bytes * (messaged + evaluated)
     sites: dict[str, SiteFigures] = {}
     for record in history:
-        for name in record.get("sites_trained", []):
+        for name in record.sites_trained:
             sites.setdefault(name, SiteFigures()).rounds_trained += 1
-        for rejected in record.get("rejected", []):
-            sites.setdefault(str(rejected.get("site")), SiteFigures()).updates_rejected += 1
-        for declined in record.get("declined", []):
-            sites.setdefault(str(declined.get("site")), SiteFigures()).rounds_declined += 1
-        for name, metrics in record.get("site_train", {}).items():
+        for rejected in record.rejected:
+            sites.setdefault(rejected.site, SiteFigures()).updates_rejected += 1
+        for declined in record.declined:
+            sites.setdefault(declined.site, SiteFigures()).rounds_declined += 1
+        for name, metrics in record.site_train.items():
             figures = sites.setdefault(name, SiteFigures())
-            figures.examples = _number(metrics.get("num-examples"))
-            figures.train_loss = _number(metrics.get("train-loss"))
-        for name, metrics in record.get("site_evaluate", {}).items():
-            sites.setdefault(name, SiteFigures()).dice = _number(metrics.get("dice"))
-        for name, privacy in (record.get("privacy") or {}).items():
-            if isinstance(privacy, dict) and privacy.get("enabled"):
-                sites.setdefault(name, SiteFigures()).epsilon = _number(privacy.get("epsilon"))
+            figures.examples = _number(metrics.num_examples)
+            figures.train_loss = _number(metrics.train_loss)
+        for name, metrics in (record.site_evaluate or {}).items():
+            sites.setdefault(name, SiteFigures()).dice = _number(metrics.dice)
+        for name, privacy in record.privacy.items():
+            if privacy.enabled:
+                sites.setdefault(name, SiteFigures()).epsilon = _number(privacy.epsilon)
     return RunMetrics(
         name=run.name,
         rounds_completed=run.completed_round,
-        rounds_failed=counts["rounds_failed"],
-        last_round_duration_s=_number(last.get("wall_s")),
-        examples=_number(last_train.get("num-examples")),
-        train_loss=_number(last_train.get("train-loss")),
-        dice=_number(last_eval.get("dice")),
+        rounds_failed=counts.rounds_failed,
+        last_round_duration_s=_number(last.wall_s) if last else None,
+        examples=_number(last_train.num_examples),
+        train_loss=_number(last_train.train_loss),
+        dice=_number(last_eval.dice),
         dice_per_class={
-            k.removeprefix("dice-"): float(v)
-            for k, v in last_eval.items()
-            if k.startswith("dice-") and _number(v) is not None
+            name: float(value)
+            for name, value in last_eval.class_dice.items()
+            if _number(value) is not None
         },
-        updates_rejected=counts["updates_rejected"],
-        rounds_declined=counts["updates_declined"],
-        bytes_received=sum(int(r.get("update_bytes", 0)) for r in history),
+        updates_rejected=counts.updates_rejected,
+        rounds_declined=counts.updates_declined,
+        bytes_received=sum(r.update_bytes for r in history),
         bytes_sent=bytes_sent,
-        sites_last_round=len(last.get("sites_trained", [])),
+        sites_last_round=len(last.sites_trained) if last else 0,
         last_success_time=run.updated,
         finished=run.finished,
         sites=sites,

@@ -5,9 +5,11 @@ reply is checked, and a bad one is left out with a logged reason that names the 
 then goes on with the others.
 
 Checks, in order: the reply carries an error; it lacks the ``arrays``/``metrics`` records or a
-positive ``num-examples``; its keys, shapes or dtypes differ from the global model; it holds NaN
-or Inf; its distance from the global model is more than ``norm_factor`` times the round's lower
-median distance (a scaled or random update). That last rule compares sites with each other, so
+positive ``num-examples``; its metrics or privacy record do not parse
+(:mod:`medsegdiff_core.records`: an unknown key, a value of the wrong type); its keys, shapes
+or dtypes differ from the global model; it holds NaN or Inf; its distance from the global
+model is more than ``norm_factor`` times the round's lower median distance (a scaled or random
+update). That last rule compares sites with each other, so
 it is off (``norm_factor=None``) under central DP, whose analysis allows no data-dependent
 selection of updates before clipping.
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+
+from medsegdiff_core.records import NUM_EXAMPLES, PrivacyRecord, RecordError, SiteMetrics
 
 
 @dataclass
@@ -45,9 +49,15 @@ def _structural_problem(msg: Message, reference: dict[str, np.ndarray]) -> str |
     content = msg.content
     if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
         return "reply must hold exactly one 'arrays' and one 'metrics' record"
-    examples = content["metrics"].get("num-examples")
+    examples = content["metrics"].get(NUM_EXAMPLES)
     if not isinstance(examples, int | float) or not examples > 0 or not math.isfinite(examples):
-        return f"num-examples must be a positive number, got {examples!r}"
+        return f"{NUM_EXAMPLES} must be a positive number, got {examples!r}"
+    try:
+        SiteMetrics.from_dict(content["metrics"])
+        if "privacy" in content.config_records:
+            PrivacyRecord.from_config(content["privacy"])
+    except RecordError as exc:
+        return str(exc)
     arrays = content["arrays"]
     missing, extra = reference.keys() - arrays.keys(), arrays.keys() - reference.keys()
     if missing or extra:
@@ -133,7 +143,7 @@ def cap_claimed_examples(
     a run lasts). A site that claims 10^9 examples then weighs at most ``max_ratio / (max_ratio
     + n - 1)`` of an n-site average instead of all of it.
     """
-    claims = {site_name(m): int(m.content["metrics"]["num-examples"]) for m in accepted}
+    claims = {site_name(m): int(m.content["metrics"][NUM_EXAMPLES]) for m in accepted}
     if not claims:
         return []
     ordered = sorted(claims.values())
@@ -143,6 +153,6 @@ def cap_claimed_examples(
         site = site_name(msg)
         used = min(claims[site], bound, registered.get(site, claims[site]))
         if used < claims[site]:
-            msg.content["metrics"]["num-examples"] = used
+            msg.content["metrics"][NUM_EXAMPLES] = used
             capped.append(CappedClaim(site, claims[site], used))
     return capped
