@@ -190,6 +190,7 @@ def predict_folder(
         loaded.spec.image_size,
         in_channels=loaded.spec.image_channels,
         require_masks=require_masks,
+        lazy=True,  # a volume folder is segmented case by case in bounded memory
     )
     writer = _writer(dataset, loaded.classes, outputs)
     scored = any(case.mask_path is not None for case in dataset.cases)

@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import torch
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -306,6 +307,21 @@ def test_synthetic_brats_is_deterministic_and_nested() -> None:
     assert t1ce[seg == 4].mean() > t1ce[(seg == 0) & (t1ce > 0)].mean() + 0.2  # enhancing rim
     assert flair[seg == 2].mean() > flair[(seg == 0) & (flair > 0)].mean() + 0.2  # oedema
     assert (first[0]["t1"][seg > 0] > 0).all()  # tumour inside the brain
+
+
+def test_lazy_slice_dataset_holds_one_case_and_gives_the_same_items(brats: Path) -> None:
+    held = open_dataset(brats, "brats", None, 32)
+    lazy = open_dataset(brats, "brats", None, 32, lazy=True)
+    assert not hasattr(lazy, "_images")  # nothing of any case held after construction
+    assert len(lazy) == len(held) and lazy.volume_cases.keys() == held.volume_cases.keys()
+    for index in range(len(held)):
+        a, b = held[index], lazy[index]
+        assert a["name"] == b["name"] and a["original_size"] == b["original_size"]
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+        torch.testing.assert_close(a["mask"], b["mask"], rtol=0, atol=0)
+        held_case = lazy._held_case
+        assert held_case is not None and held_case[0] == b["case"]  # only this case in memory
+        assert len(held_case[1]) == len(lazy.slices_of(b["case"]))
 
 
 def test_brats_layout_slices(brats: Path) -> None:

@@ -524,6 +524,18 @@ class SegmentationFolder(Dataset):
         """Keep ``(image (C, H, W), labels (H, W) or None, mask file)`` items in memory, resized
         to ``image_size``; images z-scored per image unless ``normalise`` is off (volumes are
         normalised per volume before slicing)."""
+        self._images, self._masks, self._sizes = self._tensors(
+            items, normalise=normalise, empty=empty
+        )
+
+    def _tensors(
+        self,
+        items: Iterable[tuple[np.ndarray, np.ndarray | None, str]],
+        *,
+        normalise: bool,
+        empty: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Stacked model-resolution images, bool masks and original sizes of ``items``."""
         size = self.image_size
         images, masks, sizes = [], [], []
         for image, labels, source in items:
@@ -539,9 +551,7 @@ class SegmentationFolder(Dataset):
                 masks.append(torch.from_numpy(channels).bool())
         if not images:
             raise DataError(empty)
-        self._images = torch.stack(images)
-        self._masks = torch.stack(masks)  # bool: a quarter of float32's memory
-        self._sizes = sizes
+        return torch.stack(images), torch.stack(masks), sizes  # bool masks: 1/4 of float32's
 
     @property
     def has_masks(self) -> bool:
@@ -551,16 +561,21 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    def _item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(image, bool mask, original size) of item ``index`` as held in memory."""
+        return self._images[index], self._masks[index], self._sizes[index]
+
     def __getitem__(self, index: int) -> dict:
-        image = self._images[index].clone()
-        mask = self._masks[index].to(torch.float32)
+        held_image, held_mask, original_size = self._item(index)
+        image = held_image.clone()
+        mask = held_mask.to(torch.float32)
         if self.augment:
             image, mask = self._augment(image, mask)
         return {
             "image": image,
             "mask": mask,
             "name": self.cases[index].name,
-            "original_size": self._sizes[index],
+            "original_size": original_size,
         }
 
     def reseed(self, seed: int) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError, DataError
 from .folder import (
@@ -524,8 +525,13 @@ class SliceDataset(SegmentationFolder):
         skip_empty: Keep only slices whose mask has a labelled voxel (training); cases without a
             mask keep all slices.
         augment, seed: As SegmentationFolder.
+        lazy: Hold one case at a time instead of every kept slice (inference over a folder:
+            memory no longer grows with the number of volumes). Items must then be read case
+            by case, as inference does; each volume is decoded twice (checked at construction,
+            read again when its first slice is asked for).
 
-    All cases are read and validated at construction and the kept slices held in memory.
+    All cases are read and validated at construction, so a bad case stops a run before any
+    training or sampling; without ``lazy`` the kept slices are held in memory.
     """
 
     def __init__(
@@ -539,25 +545,43 @@ class SliceDataset(SegmentationFolder):
         skip_empty: bool = False,
         augment: bool = False,
         seed: int = 0,
+        lazy: bool = False,
     ) -> None:
         self._settings(classes, image_size, augment=augment, seed=seed)
         self.volume_cases: dict[str, _VolumeCase] = {}
         self.cases: list[LayoutCase] = []  # one entry per item (slice), for API parity
         self._slice_index: list[int] = []
-        self._hold(
-            self._slices(cases, in_channels, normalise, skip_empty),
-            normalise=False,
-            empty="no slices: every case's mask is empty (skip_empty is on)",
-        )
+        self._normalise, self._skip_empty, self.lazy = normalise, skip_empty, lazy
+        self._held_case: tuple[str, torch.Tensor, torch.Tensor, list[tuple[int, int]]] | None
+        self._held_case = None
+        slices = self._slices(cases, in_channels, register=True)
+        empty = "no slices: every case's mask is empty (skip_empty is on)"
+        if not lazy:
+            self._hold(slices, normalise=False, empty=empty)
+            return
+        for _ in slices:  # read and check every case; keep only where its slices are
+            pass
+        if not self.cases:
+            raise DataError(empty)
+
+    def _item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        if not self.lazy:
+            return super()._item(index)
+        case = self.cases[index]
+        if self._held_case is None or self._held_case[0] != case.name:
+            self._held_case = None  # let the previous case go before reading the next
+            slices = self._slices([case], self.in_channels, register=False)
+            self._held_case = (case.name, *self._tensors(slices, normalise=False, empty=""))
+        _, images, masks, sizes = self._held_case
+        position = self.volume_cases[case.name].slices.index(self._slice_index[index])
+        return images[position], masks[position], sizes[position]
 
     def _slices(
-        self,
-        cases: Sequence[LayoutCase],
-        in_channels: int | None,
-        normalise: Literal["nonzero", "volume"],
-        skip_empty: bool,
+        self, cases: Sequence[LayoutCase], in_channels: int | None, *, register: bool
     ) -> Iterator[tuple[np.ndarray, np.ndarray | None, str]]:
-        """Read each case and yield its kept slices, recording where each came from."""
+        """Read each case and yield its kept slices; with ``register``, record where each item
+        came from (at construction)."""
+        normalise, skip_empty = self._normalise, self._skip_empty
         for case in cases:
             volumes, labels = load_volume_case(case, self.classes, in_channels)
             channels = [v.data[..., None] if v.data.ndim == 3 else v.data for v in volumes]
@@ -579,10 +603,11 @@ class SliceDataset(SegmentationFolder):
                 reference.format,
                 reference.header,
             )
-            self.volume_cases[case.name] = _VolumeCase(case, geometry, axis, keep)
+            if register:
+                self.volume_cases[case.name] = _VolumeCase(case, geometry, axis, keep)
+                self.cases += [case] * len(keep)
+                self._slice_index += keep
             for k in keep:
-                self.cases.append(case)
-                self._slice_index.append(k)
                 image = np.ascontiguousarray(np.take(stacked, k, axis=axis + 1))
                 label_slice = None if labels is None else np.take(labels.data, k, axis=axis)
                 yield image, label_slice, str(case.mask_path)
@@ -680,12 +705,14 @@ def open_dataset(
     seed: int = 0,
     skip_empty: bool = False,
     skip: Collection[str] = (),
+    lazy: bool = False,
 ) -> PlanarDataset | SliceDataset:
     """The dataset of a site folder in any layout.
 
     2-D layouts give a :class:`PlanarDataset` and the volume layouts a :class:`SliceDataset`.
     ``classes`` and ``in_channels`` default to the layout's (:func:`layout_spec`);
-    ``skip_empty`` applies to volume layouts only; cases named in ``skip`` are left out.
+    ``skip_empty`` and ``lazy`` (one case in memory at a time, see :class:`SliceDataset`) apply
+    to volume layouts only; cases named in ``skip`` are left out.
     """
     spec = layout_spec(layout)
     classes = spec.classes if classes is None else classes
@@ -714,6 +741,7 @@ def open_dataset(
         skip_empty=skip_empty,
         augment=augment,
         seed=seed,
+        lazy=lazy,
     )
 
 
