@@ -51,14 +51,12 @@ def _model_from(msg: Message, site: Site) -> MedSegDiffUNet:
 def _reply(
     msg: Message,
     site: Site,
-    metrics: SiteMetrics | dict,
+    metrics: SiteMetrics,
     arrays: ArrayRecord | None = None,
     privacy: PrivacyRecord | None = None,
 ) -> Message:
-    if isinstance(metrics, SiteMetrics):
-        metrics = metrics.to_dict()
     content = RecordDict(
-        {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})}
+        {"metrics": MetricRecord(metrics.to_dict()), "site": ConfigRecord({"name": site.name})}
     )
     if arrays is not None:
         content["arrays"] = arrays
@@ -253,12 +251,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         device=site.device,
         amp_dtype=autocast_dtype(site.device, config.train.amp, inference=True),
     )
-    metrics: dict[str, float | int] = {
-        "num-examples": len(rows),
-        "dice": summary["mean"]["dice"],
-        "iou": summary["mean"]["iou"],
-        "eval-seconds": time.monotonic() - start,
-    }
-    for name, values in summary["per_class"].items():
-        metrics[f"dice-{name}"] = values["dice"]
+    metrics = SiteMetrics(
+        num_examples=len(rows),
+        dice=summary["mean"]["dice"],
+        iou=summary["mean"]["iou"],
+        eval_seconds=time.monotonic() - start,
+        class_dice={name: values["dice"] for name, values in summary["per_class"].items()},
+    )
     return _reply(msg, site, metrics)
