@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from .config import ExperimentConfig
 from .diffusion import PLAIN_OBJECTIVE, NoiseSchedule, TrainingObjective, diffusion_loss
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .model import MedSegDiffUNet
 
 Batch = dict[str, Any]
@@ -263,23 +263,34 @@ def build_model(config: ExperimentConfig) -> MedSegDiffUNet:
 def open_checked(
     config: ExperimentConfig, folder: Path, *, train: bool, augment: bool = False
 ) -> Dataset:
-    """One data folder of a config, checked whole first (every problem listed at once, see
-    :func:`~.data.check.require_clean`); cases named in ``data.skip_cases`` are left out."""
+    """One data folder of a config, every case checked; cases named in ``data.skip_cases`` are
+    left out.
+
+    Opening the dataset reads and checks every case (the same loaders as ``data check``), so a
+    clean folder is decoded once. Only when a case fails is the whole folder checked again by
+    :func:`~.data.check.require_clean`, to name every problem at once, not just the first.
+    """
     from .data.check import require_clean
     from .data.layouts import open_dataset
 
     data = config.data
-    require_clean(folder, data.layout, data.classes, data.image_channels, skip=data.skip_cases)
-    return open_dataset(
-        folder,
-        data.layout,
-        data.classes,
-        config.unet_spec().image_size,
-        in_channels=data.image_channels,
-        augment=augment,
-        skip_empty=data.skip_empty_slices and train,
-        skip=data.skip_cases,
-    )
+    try:
+        dataset = open_dataset(
+            folder,
+            data.layout,
+            data.classes,
+            config.unet_spec().image_size,
+            in_channels=data.image_channels,
+            augment=augment,
+            skip_empty=data.skip_empty_slices and train,
+            skip=data.skip_cases,
+        )
+    except DataError:
+        require_clean(folder, data.layout, data.classes, data.image_channels, skip=data.skip_cases)
+        raise  # a problem the full check does not list as one: still the first one found
+    if not dataset.has_labelled_pixels():
+        raise DataError(f"{folder}: no mask has any labelled pixel of the classes")
+    return dataset
 
 
 def load_folders(config: ExperimentConfig, split: str, *, augment: bool = False) -> Dataset:

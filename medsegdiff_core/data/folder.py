@@ -553,6 +553,11 @@ class SegmentationFolder(Dataset):
             raise DataError(empty)
         return torch.stack(images), torch.stack(masks), sizes  # bool masks: 1/4 of float32's
 
+    def has_labelled_pixels(self) -> bool:
+        """Whether any mask holds a pixel of the classes (a folder of empty masks teaches
+        nothing; ``data check`` reports it as a problem)."""
+        return bool(self._masks.any())
+
     @property
     def has_masks(self) -> bool:
         """True when every case has a mask."""
