@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from .classes import BRATS_CLASSES, BRATS_MODALITIES, FUNDUS_CLASSES
 from .folder import (
     IMAGE_SUFFIXES,
     SegmentationFolder,
@@ -47,8 +48,6 @@ from .folder import (
     read_image,
     read_label_map,
 )
-from .synthetic import FUNDUS_CLASSES
-from .synthetic_brain import BRATS_CLASSES, BRATS_MODALITIES
 from .volumes import (
     Volume,
     axial_axis,

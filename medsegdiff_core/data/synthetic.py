@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .classes import FUNDUS_CLASSES
+
 __all__ = [
     "FUNDUS_CLASSES",
     "GLAUCOMA_CUP_TO_DISC",
@@ -36,9 +38,6 @@ __all__ = [
     "write_fundus_sites",
 ]
 
-FUNDUS_CLASSES: dict[str, list[int]] = {"disc": [1, 2], "cup": [2]}
-"""Mask channels of the fundus data: label 1 = disc rim, 2 = cup; the disc channel includes the
-cup."""
 
 GLAUCOMA_CUP_TO_DISC: tuple[float, float] = (0.6, 0.85)
 """Vertical cup-to-disc ratio range drawn for the glaucomatous fraction of a site's cases."""

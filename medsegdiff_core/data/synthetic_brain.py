@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .classes import BRATS_CLASSES, BRATS_MODALITIES
+
 __all__ = [
     "BRATS_CLASSES",
     "BRATS_MODALITIES",
@@ -27,11 +29,6 @@ __all__ = [
     "write_brats_cases",
 ]
 
-BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
-"""BraTS modality file suffixes, in channel order."""
-
-BRATS_CLASSES: dict[str, list[int]] = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
-"""The BraTS evaluation regions as mask channels: whole tumour, tumour core, enhancing tumour."""
 
 # Tissue intensities per modality (fractions of full scale): background, WM, GM, CSF,
 # oedema (2), enhancing rim (4), necrosis (1).
