@@ -21,8 +21,8 @@ except ImportError:  # Python 3.10
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from medsegdiff_core.config import DataConfig, PrivacyConfig, _format_error
-from medsegdiff_core.errors import ConfigError
+from medsegdiff_core.config import DataConfig, PrivacyConfig
+from medsegdiff_core.errors import ConfigError, validation_message
 
 from .toml_text import config_args
 
@@ -117,8 +117,7 @@ def _validated(
         first = dict(errors[0])
         if table is not None:
             first["loc"] = (table, *(str(part).replace("_", "-") for part in first["loc"]))
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise ConfigError(_format_error(source, first) + more) from None
+        raise ConfigError(validation_message(source, [first, *errors[1:]])) from None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .diffusion.losses import TrainingObjective
 from .diffusion.schedule import NoiseSchedule
-from .errors import ConfigError
+from .errors import ConfigError, validation_message
 from .model.presets import PRESETS, UNetSpec, resolve_spec
 
 
@@ -290,26 +290,12 @@ class ExperimentConfig(_Section):
         )
 
 
-def _format_error(source: str, error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
-    if not key:  # whole-config checks name their keys themselves
-        return f"{source}: {error['msg'].removeprefix('Value error, ')}"
-    if error["type"] == "extra_forbidden":
-        return f"{source}: {key}: unknown key"
-    message = error["msg"].removeprefix("Value error, ")
-    given = error.get("input")
-    shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
-    return f"{source}: {key}: {message}{shown}"
-
-
 def parse_config(data: dict[str, Any], *, source: str = "config") -> ExperimentConfig:
     """Validate a config mapping; raise ConfigError naming ``source`` and the first bad key."""
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise ConfigError(_format_error(source, errors[0]) + more) from None
+        raise ConfigError(validation_message(source, exc.errors())) from None
 
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import MedSegDiffError
+from .errors import MedSegDiffError, validation_message
 
 NUM_EXAMPLES = "num-examples"  # the FedAvg weighting key of train and evaluate replies
 CLASS_DICE_PREFIX = "dice-"  # evaluate metrics: "dice-<class>" per class
@@ -38,21 +38,6 @@ def _wire_key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
-    errors = exc.errors()
-    error = errors[0]
-    key = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    else:
-        message = error["msg"].removeprefix("Value error, ")
-        given = error.get("input")
-        if given is not None and not isinstance(given, dict):
-            message += f" (got {given!r})"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{source}: {key + ': ' if key else ''}{message}{more}"
-
-
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
@@ -63,7 +48,7 @@ class _Record(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise RecordError(_format_error(source, exc)) from None
+            raise RecordError(validation_message(source, exc.errors())) from None
 
 
 class _WireRecord(_Record):
