@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,13 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Runs in the child: predict, then print the peak RSS in MiB (ru_maxrss is KiB on Linux).
-_CHILD = """
-import resource, sys
-from medsegdiff_core.cli import main
-code = main(sys.argv[1:])
-print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, code)
-"""
+from peak_memory import cli_peak_mib  # noqa: E402
 
 
 def _write_png(path: Path, size: int) -> None:
@@ -70,13 +63,7 @@ def peak_mib(work: Path, checkpoint: Path, size: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     args = ["--quiet", "predict", "--checkpoint", str(checkpoint), "--input", str(site)]
     args += ["--out", str(out), "--device", "cpu"]
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, cwd=ROOT
-    )
-    line = next((x for x in result.stdout.splitlines() if x.startswith("PEAK_MIB")), None)
-    if result.returncode != 0 or line is None or line.split()[2] != "0":
-        raise SystemExit(f"predict failed:\n{result.stdout}\n{result.stderr}")
-    return float(line.split()[1])
+    return cli_peak_mib(args)[0]
 
 
 def main() -> None:
