@@ -692,6 +692,37 @@ def test_check_dataset_lists_all_problems(brats: Path, tmp_path: Path) -> None:
         assert path in text
 
 
+def test_fetch_samples_is_an_explicit_command(tmp_path: Path) -> None:
+    # A stand-in for the pyradiomics 3.0.1 sdist (the real one is a 35 MB download): the
+    # command extracts the five cases' image and label files into the cache, volumes layout.
+    import subprocess
+    import sys
+    import tarfile
+
+    from medsegdiff_core.data.real import PYRADIOMICS_CASES
+
+    sdist = tmp_path / "pyradiomics-3.0.1.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for case in PYRADIOMICS_CASES:
+            for kind in ("image", "label"):
+                member = tmp_path / f"{case}_{kind}.nrrd"
+                member.write_bytes(f"{case} {kind}".encode())
+                tar.add(member, arcname=f"pyradiomics-3.0.1/data/{case}_{kind}.nrrd")
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "medsegdiff_core.cli", "data", "fetch-samples"]
+        + ["--cache", str(cache), "--sdist", str(sdist)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    assert folder == cache / "pyradiomics-3.0.1"
+    assert (folder / "images" / "lung1.nrrd").read_bytes() == b"lung1 image"
+    assert (folder / "masks" / "brain2.nrrd").read_bytes() == b"brain2 label"
+
+
 def test_data_check_cli(brats: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     parser = argparse.ArgumentParser()
     add_data_parser(parser.add_subparsers(dest="command"))

@@ -287,6 +287,20 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     check.add_argument(
         "--no-masks", action="store_true", help="masks are optional (a folder to predict on)"
     )
+    fetch = data_sub.add_parser(
+        "fetch-samples",
+        help="download the five real labelled scans of the pyradiomics 3.0.1 sdist into a "
+        "local cache (volumes layout) and print the folder; never needed to train or predict",
+    )
+    fetch.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache folder (default: $FEDMEDSEGDIFF_REAL_DATA or ~/.cache/fedmedsegdiff/real-data)",
+    )
+    fetch.add_argument(
+        "--sdist", type=Path, default=None, help="an already downloaded pyradiomics-3.0.1.tar.gz"
+    )
     return data
 
 
@@ -304,6 +318,11 @@ def _parse_classes(text: str | None) -> dict[str, list[int]] | None:
 
 def run_data_command(args: argparse.Namespace) -> int:
     """Run a ``data`` subcommand; prints the report and returns 0 if fine, 1 with problems."""
+    if args.data_command == "fetch-samples":
+        from .real import fetch_real_data
+
+        print(fetch_real_data(args.cache, sdist=args.sdist))
+        return 0
     if args.data_command != "check":
         raise ConfigError(f"data: unknown command {args.data_command!r}")
     report = check_dataset(

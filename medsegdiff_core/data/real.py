@@ -11,7 +11,9 @@ The cache holds them in the ``volumes`` layout::
     CACHE/pyradiomics-3.0.1/images/<case>.nrrd
     CACHE/pyradiomics-3.0.1/masks/<case>.nrrd
 
-Command line: ``python -m medsegdiff_core.data.real [CACHE]`` prints the folder.
+Command line: ``medsegdiff data fetch-samples [--cache DIR] [--sdist FILE]`` fetches them (an
+explicit step, pinned to pyradiomics 3.0.1: nothing else in the package downloads anything)
+and prints the folder.
 """
 
 from __future__ import annotations
@@ -136,7 +138,3 @@ def fetch_real_data(cache_dir: Path | None = None, *, sdist: Path | None = None)
     if found is None:
         raise DataError(f"{archive}: archive lacks some of {', '.join(PYRADIOMICS_CASES)}")
     return found
-
-
-if __name__ == "__main__":  # pragma: no cover - a convenience for scripts
-    print(fetch_real_data(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
