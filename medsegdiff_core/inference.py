@@ -141,9 +141,12 @@ def _segment_into(
             probability = resize_probability(result.probability[offset].cpu().numpy(), size)
             labels = channels_to_labels(probability >= cfg.threshold, classes)
             del probability
-            uncertainty = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
-            writer.add(segmented, labels, uncertainty.max(0))
-            del uncertainty
+            uncertainty = None
+            if writer.outputs is not None:  # scoring alone needs no uncertainty map
+                full = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
+                uncertainty = full.max(0)
+                del full
+            writer.add(segmented, labels, uncertainty)
             segmented += 1
     writer.close()
 
@@ -261,7 +264,7 @@ class _PlanarWriter:
         """Every file this writer will write."""
         return [path for case in self.dataset.cases for path in self._paths(case.name)]
 
-    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
+    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray | None) -> None:
         case = self.dataset.cases[index]
         if self.outputs is not None:
             paths = map(self.outputs.claim, self._paths(case.name))
@@ -307,14 +310,15 @@ class _VolumeWriter:
         """Every file this writer will write."""
         return [path for case in self.dataset.volume_cases for path in self._paths(case)]
 
-    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
+    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray | None) -> None:
         case = self.dataset.cases[index]
         if self._case is not None and case.name != self._case.name:
             self.close()
         self._case = case
         _, k = self.dataset.locate(index)
         self._labels[k] = labels.astype(np.uint8)
-        self._uncertainty[k] = uncertainty.astype(np.float32)
+        if uncertainty is not None:
+            self._uncertainty[k] = uncertainty.astype(np.float32)
 
     def close(self) -> None:
         case = self._case
