@@ -37,6 +37,13 @@ from .diffusion import NoiseSchedule
 from .ensemble import Segmentation, segment
 from .metrics import CaseMetrics, case_rows, format_table, segmentation_metrics, summarize
 from .model import MedSegDiffUNet
+from .reliability import (
+    CaseAgreement,
+    CaseReliability,
+    PixelReliability,
+    case_reliability_row,
+    reliability_summary,
+)
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -90,17 +97,33 @@ def evaluate_dataset(
 
     ``dataset`` is a layout's dataset (:func:`~.data.layouts.open_dataset`) or a
     ``ConcatDataset`` of them (each part is sampled from ``cfg.seed``, as if run on its own)."""
-    scores: list[CaseMetrics] = []
-    names: list[str] = []
+    writers = []
     for part in getattr(dataset, "datasets", [dataset]):
         writer = _writer(part, classes, outputs=None)
         _segment_into(writer, model, schedule, part, cfg, classes, device, amp_dtype, progress)
-        scores += writer.scores
-        names += writer.scored
-    if not scores:
+        writers.append(writer)
+    if not any(w.scores for w in writers):
         raise ValueError("evaluate_dataset: no case has a mask to score")
-    merged = CaseMetrics.concat(scores)
-    return case_rows(merged, names), summarize(merged)
+    return _report(writers, classes)
+
+
+def _report(
+    writers: list[_PlanarWriter | _VolumeWriter], classes: dict[str, list[int]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and summary of every scored case: Dice/IoU/HD95 and the uncertainty figures."""
+    merged = CaseMetrics.concat([score for w in writers for score in w.scores])
+    rows = case_rows(merged, [name for w in writers for name in w.scored])
+    reliability = [case for w in writers for case in w.reliability]
+    pooled = PixelReliability(len(classes))
+    for w in writers:
+        pooled.merge(w.pooled)
+    for row, case in zip(rows, reliability, strict=True):
+        row["uncertainty"] = case_reliability_row(case, list(classes))
+    summary = summarize(merged)
+    summary["uncertainty"] = reliability_summary(
+        reliability, merged.dice.numpy(), pooled, list(classes)
+    )
+    return rows, summary
 
 
 def _writer(
@@ -136,17 +159,24 @@ def _segment_into(
     ):
         for offset, item in enumerate(items):
             size = tuple(item["original_size"])
-            # One full-size (M, H, W) float32 map alive at a time: each is dropped as soon as it
-            # is reduced to the (H, W) map written (a large image's maps are GBs each).
+            # Full-size (M, H, W) float32 maps are dropped as soon as they are reduced to what
+            # is written and scored (a large image's maps are GBs each); an image without a mask
+            # holds one at a time.
             probability = resize_probability(result.probability[offset].cpu().numpy(), size)
             labels = channels_to_labels(probability >= cfg.threshold, classes)
-            del probability
-            uncertainty = None
-            if writer.outputs is not None:  # scoring alone needs no uncertainty map
+            scored = writer.has_target(segmented)
+            if not scored:
+                del probability
+            uncertainty = evidence = None
+            if writer.outputs is not None or scored:
                 full = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
                 uncertainty = full.max(0)
+                if scored:
+                    votes = (result.members[offset] >= cfg.threshold).cpu().numpy()
+                    evidence = _Evidence(probability, full, votes)
                 del full
-            writer.add(segmented, labels, uncertainty)
+            writer.add(segmented, labels, uncertainty, evidence)
+            del evidence
             segmented += 1
     writer.close()
 
@@ -214,8 +244,7 @@ def predict_folder(
     rows: list[dict[str, Any]] = []
     summary = None
     if writer.scores:
-        merged = CaseMetrics.concat(writer.scores)
-        rows, summary = case_rows(merged, writer.scored), summarize(merged)
+        rows, summary = _report([writer], loaded.classes)
         report = {"cases": rows, "summary": summary}
         metrics_json = outputs.claim(out_dir / "metrics.json")
         atomic_write_bytes(metrics_json, json.dumps(report, indent=2).encode())
@@ -241,7 +270,51 @@ def _score(
     )
 
 
-class _PlanarWriter:
+@dataclass
+class _Evidence:
+    """What the uncertainty figures of one image (or slice) need, at the input's resolution
+    (``votes``: the members binarised, at the model's)."""
+
+    probability: np.ndarray  # (M, H, W) fused foreground probability
+    uncertainty: np.ndarray  # (M, H, W)
+    votes: np.ndarray  # (K, M, S, S) bool
+
+
+class _CaseEvidence:
+    """One case's uncertainty figures, accumulated image by image (slice by slice)."""
+
+    def __init__(self, classes: dict[str, list[int]]) -> None:
+        self.classes = classes
+        self.pixels = PixelReliability(len(classes))
+        self.agreement = CaseAgreement(len(classes))
+
+    def add(self, evidence: _Evidence, labels: np.ndarray, target: np.ndarray, source: str) -> None:
+        predicted = labels_to_channels(labels, self.classes, source="prediction") > 0.5
+        truth = labels_to_channels(target, self.classes, source=source) > 0.5
+        self.pixels.add(evidence.probability, evidence.uncertainty, predicted, truth)
+        self.agreement.add(evidence.votes)
+
+    def finish(self) -> CaseReliability:
+        return CaseReliability(self.agreement.score(), self.pixels.auroc(), self.pixels.ece())
+
+
+class _Scores:
+    """The scored cases of one writer: metrics, names and uncertainty figures, in order."""
+
+    def __init__(self, classes: dict[str, list[int]]) -> None:
+        self.scores: list[CaseMetrics] = []
+        self.scored: list[str] = []
+        self.reliability: list[CaseReliability] = []
+        self.pooled = PixelReliability(len(classes))
+
+    def keep(self, name: str, metrics: CaseMetrics, evidence: _CaseEvidence) -> None:
+        self.scores.append(metrics)
+        self.scored.append(name)
+        self.reliability.append(evidence.finish())
+        self.pooled.merge(evidence.pixels)
+
+
+class _PlanarWriter(_Scores):
     """PNG mask, uncertainty and overlay per image (none with ``outputs=None``); metrics where
     the image has a mask."""
 
@@ -250,10 +323,9 @@ class _PlanarWriter:
     def __init__(
         self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder | None
     ) -> None:
+        super().__init__(classes)
         self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
-        self.scores: list[CaseMetrics] = []
-        self.scored: list[str] = []
 
     def _paths(self, name: str) -> list[Path]:
         if self.outputs is None:
@@ -264,7 +336,17 @@ class _PlanarWriter:
         """Every file this writer will write."""
         return [path for case in self.dataset.cases for path in self._paths(case.name)]
 
-    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray | None) -> None:
+    def has_target(self, index: int) -> bool:
+        """Whether item ``index`` has a mask to score against."""
+        return self.dataset.cases[index].mask_path is not None
+
+    def add(
+        self,
+        index: int,
+        labels: np.ndarray,
+        uncertainty: np.ndarray | None,
+        evidence: _Evidence | None,
+    ) -> None:
         case = self.dataset.cases[index]
         if self.outputs is not None:
             paths = map(self.outputs.claim, self._paths(case.name))
@@ -275,15 +357,18 @@ class _PlanarWriter:
             write_overlay(overlay_path, read_display_image(case.image_path), labels)
         target = self.dataset.target_labels(index)
         if target is not None:
-            self.scores.append(_score(labels, target, self.classes, str(case.mask_path)))
-            self.scored.append(case.name)
+            source = str(case.mask_path)
+            case_evidence = _CaseEvidence(self.classes)
+            if evidence is not None:
+                case_evidence.add(evidence, labels, target, source)
+            self.keep(case.name, _score(labels, target, self.classes, source), case_evidence)
         self.cases += 1
 
     def close(self) -> None:
         pass
 
 
-class _VolumeWriter:
+class _VolumeWriter(_Scores):
     """Collects a case's slices; writes its volumes (and scores it in 3-D) when the case ends.
 
     Items of a :class:`~.data.layouts.SliceDataset` come case by case, so one case is held in
@@ -292,13 +377,14 @@ class _VolumeWriter:
     def __init__(
         self, dataset: Any, classes: dict[str, list[int]], outputs: OutputFolder | None
     ) -> None:
+        super().__init__(classes)
         self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
-        self.scores: list[CaseMetrics] = []
-        self.scored: list[str] = []
         self._case: Any = None
         self._labels: dict[int, np.ndarray] = {}
         self._uncertainty: dict[int, np.ndarray] = {}
+        self._target: np.ndarray | None = None  # the held case's label volume, if it has one
+        self._evidence = _CaseEvidence(classes)
 
     def _paths(self, case: str) -> list[Path]:
         if self.outputs is None:
@@ -310,15 +396,33 @@ class _VolumeWriter:
         """Every file this writer will write."""
         return [path for case in self.dataset.volume_cases for path in self._paths(case)]
 
-    def add(self, index: int, labels: np.ndarray, uncertainty: np.ndarray | None) -> None:
+    def has_target(self, index: int) -> bool:
+        """Whether item ``index`` has a mask to score against."""
+        return self.dataset.cases[index].mask_path is not None
+
+    def add(
+        self,
+        index: int,
+        labels: np.ndarray,
+        uncertainty: np.ndarray | None,
+        evidence: _Evidence | None,
+    ) -> None:
         case = self.dataset.cases[index]
         if self._case is not None and case.name != self._case.name:
             self.close()
+        if self._case is None and case.mask_path is not None:
+            # On the image's grid: a mask stored with flipped axes is reoriented as in training.
+            reference = self.dataset.reference(case.name)
+            self._target = read_label_volume(case.mask_path, reference=reference).data
         self._case = case
         _, k = self.dataset.locate(index)
         self._labels[k] = labels.astype(np.uint8)
         if uncertainty is not None:
             self._uncertainty[k] = uncertainty.astype(np.float32)
+        if evidence is not None and self._target is not None:
+            axis = self.dataset.volume_cases[case.name].axis
+            target = np.take(self._target, k, axis=axis)
+            self._evidence.add(evidence, labels, target, str(case.mask_path))
 
     def close(self) -> None:
         case = self._case
@@ -329,13 +433,13 @@ class _VolumeWriter:
                 self.outputs.claim(path)
             out_dir = self.outputs.out_dir
             self.dataset.write_prediction(out_dir, case.name, self._labels, self._uncertainty)
-        if case.mask_path is not None:
+        if self._target is not None:
             reference = self.dataset.reference(case.name)
             labels = self.dataset.assemble(case.name, self._labels)
-            # On the image's grid: a mask stored with flipped axes is reoriented as in training.
-            target = read_label_volume(case.mask_path, reference=reference).data
             spacing = tuple(float(v) for v in reference.spacing)
-            self.scores.append(_score(labels, target, self.classes, str(case.mask_path), spacing))
-            self.scored.append(case.name)
+            source = str(case.mask_path)
+            metrics = _score(labels, self._target, self.classes, source, spacing)
+            self.keep(case.name, metrics, self._evidence)
         self.cases += 1
         self._case, self._labels, self._uncertainty = None, {}, {}
+        self._target, self._evidence = None, _CaseEvidence(self.classes)

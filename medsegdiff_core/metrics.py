@@ -183,6 +183,12 @@ def format_table(per_case_rows: Sequence[dict[str, Any]], summary: dict[str, Any
     header = ["case"] + [f"{cls} {key}" for cls in classes for key in _METRICS]
     lines = [[row["case"]] + _cells(row["per_class"], classes) for row in per_case_rows]
     mean_line = ["mean"] + _cells(summary["per_class"], classes)
+    uncertainty = summary.get("uncertainty")
+    if uncertainty:  # the case uncertainty score beside the metrics (see reliability.py)
+        header += [f"{cls} unc" for cls in classes]
+        for line, row in zip(lines, per_case_rows, strict=True):
+            line += [_fmt(row["uncertainty"][cls]["uncertainty_score"], 3) for cls in classes]
+        mean_line += [_fmt(uncertainty[cls]["score_mean"], 3) for cls in classes]
 
     widths = [max(len(r[i]) for r in [header, *lines, mean_line]) for i in range(len(header))]
 
@@ -197,6 +203,13 @@ def format_table(per_case_rows: Sequence[dict[str, Any]], summary: dict[str, Any
         f"overall (mean of classes): dice {_fmt(overall['dice'], 4)}  "
         f"iou {_fmt(overall['iou'], 4)}  hd95 {_fmt(overall['hd95'], 2)}"
     )
+    for cls in classes if uncertainty else ():
+        u = uncertainty[cls]
+        out.append(
+            f"{cls} uncertainty: spearman(case score, dice) {_fmt(u['spearman_score_dice'], 3)} "
+            f"(p {_fmt(u['spearman_p'], 3)})  pixel AUROC for errors {_fmt(u['pixel_auroc'], 3)}  "
+            f"ECE {_fmt(u['ece'], 4)}"
+        )
     for cls in classes:
         undefined = summary["per_class"][cls]["hd95_undefined"]
         if undefined:

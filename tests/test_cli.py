@@ -126,6 +126,13 @@ def test_evaluate_reports_per_case_and_mean(trained, tmp_path: Path) -> None:
     assert [row["case"] for row in report["cases"]] == ["case-0000", "case-0001", "case-0002"]
     dice = report["summary"]["per_class"]["cup"]["dice"]
     assert 0.0 <= dice <= 1.0
+    # The uncertainty figures (see tests/test_reliability.py), per case and pooled, per class.
+    for row in report["cases"]:
+        assert set(row["uncertainty"]) == {"disc", "cup"}
+        assert 0.0 <= row["uncertainty"]["cup"]["uncertainty_score"] <= 1.0
+    pooled = report["summary"]["uncertainty"]["cup"]
+    assert 0.0 <= pooled["ece"] <= 1.0 and 0.0 <= pooled["pixel_auroc"] <= 1.0
+    assert "cup uncertainty: spearman(case score, dice)" in result.stdout
 
 
 def _bad_folder(tmp_path: Path, data: Path) -> Path:
