@@ -21,8 +21,12 @@ Library choices:
   directions`` fields to a proper direction matrix on reading and writing; pynrrd returns the raw
   header fields and leaves that bookkeeping to the caller.
 - **pydicom** for DICOM series: the series checks need every slice's own tags
-  (InstanceNumber, ImagePositionPatient, rescale slope/intercept); a series reader that sorts and
-  stacks silently (SimpleITK's) would hide missing or duplicated slices.
+  (ImagePositionPatient, ImageOrientationPatient, rescale slope/intercept); a series reader that
+  sorts and stacks silently (SimpleITK's) would hide missing or duplicated slices. Compressed
+  pixel data (JPEG, JPEG-LS, JPEG 2000, RLE) is decoded by pydicom's plugins: pylibjpeg with
+  pylibjpeg-libjpeg, -openjpeg and -rle, and pyjpegls (which highdicom requires anyway): small
+  wheels with the codec inside, no system library (python-gdcm covers the same syntaxes too;
+  it is not needed).
 
 Every problem with a file raises :class:`~medsegdiff_core.errors.DataError` with a one-line
 message that starts with the offending path.
@@ -49,6 +53,8 @@ __all__ = [
     "axial_axis",
     "check_same_grid",
     "is_volume_path",
+    "order_dicom_datasets",
+    "read_dicom_datasets",
     "read_dicom_series",
     "read_label_volume",
     "read_volume",
@@ -275,7 +281,7 @@ def _write_sitk(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# DICOM series (pydicom)
+# DICOM series (pydicom; compressed pixel data through pylibjpeg's plugins and pyjpegls)
 # --------------------------------------------------------------------------------------------
 
 
@@ -287,79 +293,111 @@ def _dicom_files(folder: Path) -> list[Path]:
     )
 
 
-def read_dicom_series(folder: Path) -> Volume:
-    """Read one DICOM series (every file of ``folder``) as a float32 volume.
+def _syntax_label(syntax: Any) -> str:
+    """``JPEG 2000 Image Compression (Lossless Only) (1.2.840.10008.1.2.4.90)``, or the bare UID
+    when pydicom does not know its name."""
+    name = getattr(syntax, "name", "") or ""
+    return f"{name} ({syntax})" if name and name != str(syntax) else str(syntax)
 
-    Slices are ordered by their position along the slice normal (ImagePositionPatient projected
-    on the cross product of ImageOrientationPatient's row and column directions), not by file
-    name; values are ``stored * RescaleSlope + RescaleIntercept`` (e.g. Hounsfield units). The
-    volume is indexed ``[i, j, k]`` = (column, row, slice), and the affine is the RAS version of
-    the DICOM patient (LPS) geometry; slice spacing comes from the positions, not
-    SliceThickness.
 
-    Raises:
-        DataError: A file is not DICOM or has no pixel data; the files belong to several series;
-            slices differ in size or orientation; two slices share a position or an
-            InstanceNumber (duplicated); positions or InstanceNumbers leave a gap (missing).
-    """
+def _check_decodable(path: Path, ds: Any) -> Any:
+    """The file's transfer syntax UID; raise DataError (one line naming the file and the syntax)
+    when no installed pixel-data decoder handles it.
+
+    pydicom decodes the native (uncompressed) syntaxes and RLE itself; JPEG Baseline/Extended/
+    Lossless go through pylibjpeg-libjpeg, JPEG-LS through pyjpegls (or pylibjpeg-libjpeg), JPEG
+    2000 through pylibjpeg-openjpeg, RLE also through pylibjpeg-rle (faster)."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if syntax is None:  # no File Meta Information: pydicom read it as Implicit VR Little Endian
+        return ImplicitVRLittleEndian
+    try:
+        available = get_decoder(syntax).is_available
+    except Exception:  # NotImplementedError for a syntax pydicom has no decoder for at all
+        available = False
+    if not available:
+        raise DataError(
+            f"{path}: unsupported DICOM transfer syntax {_syntax_label(syntax)}: no installed "
+            "decoder reads its pixel data (JPEG, JPEG-LS, JPEG 2000, RLE and uncompressed are read)"
+        )
+    return syntax
+
+
+def _read_dicom_file(path: Path, pixels: bool) -> tuple[Any, np.ndarray | None]:
     import pydicom
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: DICOM series folder does not exist")
-    files = _dicom_files(folder)
-    if not files:
-        raise DataError(f"{folder}: no DICOM files in the series folder")
-    slices = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
-        except Exception as error:
-            what = "file is empty" if path.stat().st_size == 0 else _first_line(error)
-            raise DataError(f"{path}: cannot read DICOM ({what})") from None
-        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if tag not in ds:
-                raise DataError(f"{path}: DICOM slice has no {tag}; cannot place it in 3-D")
-        if pixels.ndim != 2:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except Exception as error:
+        what = "file is empty" if path.stat().st_size == 0 else _first_line(error)
+        raise DataError(f"{path}: cannot read DICOM ({what})") from None
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if tag not in ds:
+            raise DataError(f"{path}: DICOM slice has no {tag}; cannot place it in 3-D")
+    if not pixels:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        if frames != 1 or samples != 1 or "Rows" not in ds or "Columns" not in ds:
             raise DataError(
-                f"{path}: expected one 2-D grey slice per file, got pixel data {pixels.shape}"
+                f"{path}: expected one 2-D grey slice per file, got {frames} frame(s) of "
+                f"{samples} sample(s) per pixel"
             )
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-        slices.append((path, ds, pixels.astype(np.float64) * slope + intercept))
+        return ds, None
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: cannot read DICOM (no pixel data)")
+    syntax = _check_decodable(path, ds)
+    try:
+        array = ds.pixel_array
+    except Exception as error:
+        # pydicom lists each plugin's failure on a line of its own: keep them, on one line.
+        what = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        what = what or type(error).__name__
+        if getattr(syntax, "is_compressed", False):
+            what = f"{_syntax_label(syntax)}: {what}"
+        raise DataError(f"{path}: cannot read DICOM pixel data ({what})") from None
+    if array.ndim != 2:
+        raise DataError(
+            f"{path}: expected one 2-D grey slice per file, got pixel data {array.shape}"
+        )
+    return ds, array
 
+
+def _position(ds: Any) -> np.ndarray:
+    return np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+
+
+def _order_slices(where: Path, slices: list[tuple[Path, Any, Any]]) -> list[tuple[Path, Any, Any]]:
+    """``(path, dataset, pixels-or-None)`` of one series, checked and sorted along the slice normal.
+
+    The order comes from ImagePositionPatient projected on the normal (row x column direction of
+    ImageOrientationPatient). InstanceNumber plays no part: DICOM asks neither that the numbers
+    be contiguous nor that they follow the positions, and exporters renumber, drop or repeat
+    them. What the positions cannot explain is refused, each with a one-line message: several
+    series, slices of other sizes or orientations, two slices at one position or with one
+    SOPInstanceUID (duplicated), uneven spacing along the normal (missing slices)."""
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds, _ in slices}
     if len(series) > 1:
-        raise DataError(f"{folder}: holds {len(series)} DICOM series; put one series per folder")
+        raise DataError(f"{where}: holds {len(series)} DICOM series; put one series per folder")
+
+    def size(ds: Any, pixels: Any) -> tuple[int, int]:
+        return tuple(pixels.shape) if pixels is not None else (int(ds.Rows), int(ds.Columns))
+
     path0, ds0, pixels0 = slices[0]
     orientation = np.asarray(ds0.ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = orientation[:3], orientation[3:]
-    normal = np.cross(row_dir, col_dir)
-    row_spacing, col_spacing = (float(v) for v in ds0.PixelSpacing)
+    normal = np.cross(orientation[:3], orientation[3:])
     for path, ds, pixels in slices[1:]:
-        if pixels.shape != pixels0.shape:
-            raise DataError(f"{path}: slice is {pixels.shape} but {path0.name} is {pixels0.shape}")
+        if size(ds, pixels) != size(ds0, pixels0):
+            raise DataError(
+                f"{path}: slice is {size(ds, pixels)} but {path0.name} is {size(ds0, pixels0)}"
+            )
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), orientation):
             raise DataError(f"{path}: ImageOrientationPatient differs from {path0.name}'s")
 
-    def position(ds: Any) -> np.ndarray:
-        return np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-
-    slices.sort(key=lambda item: float(position(item[1]) @ normal))
-    offsets = np.asarray([float(position(ds) @ normal) for _, ds, _ in slices])
-    numbers = [getattr(ds, "InstanceNumber", None) for _, ds, _ in slices]
-
-    seen: dict[int, Path] = {}
-    for (path, _, _), number in zip(slices, numbers, strict=True):
-        if number is None:
-            continue
-        if int(number) in seen:
-            raise DataError(
-                f"{path}: duplicated slice: InstanceNumber {int(number)} also in "
-                f"{seen[int(number)].name}"
-            )
-        seen[int(number)] = path
+    slices = sorted(slices, key=lambda item: float(_position(item[1]) @ normal))
+    offsets = np.asarray([float(_position(ds) @ normal) for _, ds, _ in slices])
     if len(slices) > 1:
         gaps = np.diff(offsets)
         tolerance = max(1e-3, 0.01 * float(np.max(np.abs(gaps))))
@@ -374,21 +412,70 @@ def read_dicom_series(folder: Path) -> Volume:
             if abs(gap - step) > max(0.1 * step, 1e-3):
                 missing = max(round(gap / step) - 1, 1)
                 raise DataError(
-                    f"{folder}: missing slice(s): {missing} gap(s) of {gap:.2f} mm between "
+                    f"{where}: missing slice(s): {missing} gap(s) of {gap:.2f} mm between "
                     f"{slices[index][0].name} and {slices[index + 1][0].name} "
                     f"(series spacing {step:.2f} mm)"
                 )
-    if len(seen) == len(slices) > 1:
-        ordered = sorted(seen)
-        if ordered[-1] - ordered[0] + 1 != len(ordered):
-            holes = sorted(set(range(ordered[0], ordered[-1] + 1)) - set(ordered))
-            shown = ", ".join(str(n) for n in holes[:_MAX_LISTED])
-            raise DataError(f"{folder}: missing slice(s): InstanceNumber {shown} not found")
+    seen: dict[str, Path] = {}
+    for path, ds, _ in slices:
+        uid = str(getattr(ds, "SOPInstanceUID", "") or "")
+        if uid and uid in seen:
+            raise DataError(
+                f"{path}: duplicated slice: SOPInstanceUID {uid} also in {seen[uid].name}"
+            )
+        seen[uid] = path
+    return slices
+
+
+def _read_slices(folder: Path, pixels: bool) -> list[tuple[Path, Any, Any]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: DICOM series folder does not exist")
+    files = _dicom_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no DICOM files in the series folder")
+    return _order_slices(folder, [(path, *_read_dicom_file(path, pixels)) for path in files])
+
+
+def read_dicom_series(folder: Path) -> Volume:
+    """Read one DICOM series (every file of ``folder``) as a float32 volume.
+
+    Slices are ordered by their position along the slice normal (ImagePositionPatient projected
+    on the cross product of ImageOrientationPatient's row and column directions), not by file
+    name or InstanceNumber (which DICOM does not require to be contiguous: a gap in the numbers
+    is not a missing slice); values are ``stored * RescaleSlope + RescaleIntercept`` (e.g.
+    Hounsfield units). The volume is indexed ``[i, j, k]`` = (column, row, slice): voxel
+    ``[i, j, k]`` is pixel (row ``j``, column ``i``) of the ``k``-th slice along the normal, the
+    order :func:`read_dicom_datasets` returns. The affine is the RAS version of the DICOM patient
+    (LPS) geometry; slice spacing comes from the positions, not SliceThickness.
+
+    Pixel data may be uncompressed or in the JPEG (Baseline, Extended, Lossless), JPEG-LS, JPEG
+    2000 or RLE transfer syntaxes (decoders: pylibjpeg-libjpeg, pyjpegls, pylibjpeg-openjpeg,
+    pylibjpeg-rle / pydicom).
+
+    Raises:
+        DataError: A file is not DICOM, has no pixel data, or its transfer syntax has no
+            installed decoder (the message names the syntax); the files belong to several
+            series; slices differ in size or orientation; two slices share a position or a
+            SOPInstanceUID (duplicated); positions are unevenly spaced (missing slices).
+    """
+    folder = Path(folder)
+    slices = _read_slices(folder, pixels=True)
+    _, ds0, _ = slices[0]
+    orientation = np.asarray(ds0.ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    row_spacing, col_spacing = (float(v) for v in ds0.PixelSpacing)
+    rescaled = []
+    for _, ds, pixels in slices:
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        rescaled.append(pixels.astype(np.float64) * slope + intercept)
 
     # Stored pixels are (rows, columns) = (j, i); stack as [i, j, k].
-    data = np.stack([pixels.T for _, _, pixels in slices], axis=2).astype(np.float32)
+    data = np.stack([pixels.T for pixels in rescaled], axis=2).astype(np.float32)
     if len(slices) > 1:
-        slice_step = (position(slices[-1][1]) - position(slices[0][1])) / (len(slices) - 1)
+        slice_step = (_position(slices[-1][1]) - _position(slices[0][1])) / (len(slices) - 1)
     else:
         thickness = float(getattr(ds0, "SliceThickness", 1.0) or 1.0)
         slice_step = normal * thickness
@@ -396,9 +483,35 @@ def read_dicom_series(folder: Path) -> Volume:
     lps[:3, 0] = row_dir * col_spacing  # i runs along a row: the column spacing
     lps[:3, 1] = col_dir * row_spacing
     lps[:3, 2] = slice_step
-    lps[:3, 3] = position(slices[0][1])
+    lps[:3, 3] = _position(slices[0][1])
     _check_finite(data, folder)
     return Volume(data, _LPS_TO_RAS @ lps, folder, "dicom")
+
+
+def read_dicom_datasets(folder: Path) -> list[Any]:
+    """The datasets (without pixel data) of the series in ``folder``, in the slice order of
+    :func:`read_dicom_series`: ``datasets[k]`` is slice ``k`` of the volume.
+
+    Runs the same series checks (one series, sizes, orientations, positions) and raises the same
+    DataErrors; for writers that reference the source instances (DICOM-SEG)."""
+    return [ds for _, ds, _ in _read_slices(Path(folder), pixels=False)]
+
+
+def order_dicom_datasets(datasets: Any, where: Path | str = "DICOM series") -> list[Any]:
+    """Already-read datasets of one series, checked and sorted as :func:`read_dicom_series`
+    orders its slices; ``where`` names the series in error messages (each dataset is named by
+    its ``filename`` when it has one)."""
+    slices = []
+    for index, ds in enumerate(datasets):
+        name = getattr(ds, "filename", None)
+        path = Path(name) if isinstance(name, str | Path) and name else Path(f"{where}[{index}]")
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns"):
+            if tag not in ds:
+                raise DataError(f"{path}: DICOM slice has no {tag}; cannot place it in 3-D")
+        slices.append((path, ds, None))
+    if not slices:
+        raise DataError(f"{where}: no DICOM datasets given")
+    return [ds for _, ds, _ in _order_slices(Path(where), slices)]
 
 
 # --------------------------------------------------------------------------------------------
