@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -306,6 +307,20 @@ def test_dicom_seg_from_shuffled_datasets_and_bad_calls(seg_case, tmp_path: Path
         again.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3]),
         before.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3]),
     )
+    # Nothing found: every slice's frame, all empty (highdicom would warn if asked to omit all).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        empty = write_dicom_seg(
+            tmp_path / "empty.dcm",
+            labels * 0,
+            series,
+            BRATS_LIKE,
+            release_name="r",
+            release_version=1,
+        )
+    empty = hd.seg.segread(empty)
+    assert empty.NumberOfFrames == 4 * 3
+    assert not empty.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3]).any()
     with pytest.raises(ValueError, match="Columns, Rows, slices"):
         write_dicom_seg(
             tmp_path / "x.dcm",

@@ -104,7 +104,8 @@ def write_dicom_seg(
         ``path``. The object has SOP Class Segmentation Storage, SegmentationType BINARY, the
         source's Study Instance UID and Frame of Reference UID, a new Series Instance UID, one
         frame per source slice holding at least one segmented voxel (empty slices are omitted,
-        so a small lesion gives a small file), each referencing its source instance.
+        so a small lesion gives a small file; an all-empty prediction keeps every slice's frame),
+        each referencing its source instance.
 
     Raises:
         DataError: The source series fails the series checks of
@@ -193,6 +194,8 @@ def write_dicom_seg(
             content_label="FEDMEDSEGDIFF",
             content_description=_clip(f"{ALGORITHM_NAME} segmentation, release {version}"),
             content_qualification=hd.ContentQualificationValues.RESEARCH,
+            # Empty slices are left out; a prediction with nothing found keeps every frame.
+            omit_empty_frames=bool(pixel_array.any()),
         )
     except (ValueError, AttributeError) as error:  # source series highdicom cannot use
         where = folder if folder is not None else "DICOM series"
