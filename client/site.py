@@ -25,7 +25,7 @@ import torch
 from flwr.app import Context
 
 from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
-from medsegdiff_core.data import SegmentationFolder
+from medsegdiff_core.data import SegmentationDataset
 from medsegdiff_core.data.synthetic import write_fundus_sites
 from medsegdiff_core.errors import DataError
 from medsegdiff_core.training import open_checked, pick_device
@@ -64,7 +64,7 @@ class Site:
         state_dir.mkdir(parents=True, exist_ok=True)
         return cls(name, folder, state_dir, config, pick_device(config.train.device))
 
-    def dataset(self, split: str, *, augment: bool = False) -> SegmentationFolder:
+    def dataset(self, split: str, *, augment: bool = False) -> SegmentationDataset:
         """The site's ``train`` or ``val`` cases at the model's resolution (cached per process).
 
         The folder is checked whole first, so a bad file stops the round with every problem
@@ -81,7 +81,7 @@ class Site:
 
 
 @lru_cache(maxsize=8)
-def _open_split(config_json: str, folder: str, train: bool, augment: bool) -> SegmentationFolder:
+def _open_split(config_json: str, folder: str, train: bool, augment: bool) -> SegmentationDataset:
     config = ExperimentConfig.model_validate_json(config_json)
     return open_checked(config, Path(folder), train=train, augment=augment)
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic fundus sites, the generic folder IO and the prediction writers."""
+"""Tests of the synthetic fundus sites, the generic layout's IO and the prediction writers."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from scipy import ndimage
 
 from medsegdiff_core.data import (
     FUNDUS_CLASSES,
-    SegmentationFolder,
+    PlanarDataset,
     channels_to_labels,
-    check_folder,
     default_site_styles,
-    find_cases,
     labels_to_channels,
     make_fundus_case,
     read_display_image,
@@ -30,6 +28,8 @@ from medsegdiff_core.data import (
     write_overlay,
     write_uncertainty,
 )
+from medsegdiff_core.data.check import check_dataset
+from medsegdiff_core.data.layouts import find_layout_cases
 from medsegdiff_core.errors import DataError
 
 BRATS_CLASSES = {"wt": [1, 2, 4], "tc": [1, 4], "et": [4]}
@@ -173,7 +173,7 @@ def test_more_sites_than_base_styles_are_distinct() -> None:
 
 
 def test_segmentation_folder_round_trip(sites: list[Path]) -> None:
-    data = SegmentationFolder(sites[1] / "train", FUNDUS_CLASSES, 32, in_channels=3)
+    data = PlanarDataset(sites[1] / "train", "generic", FUNDUS_CLASSES, 32, in_channels=3)
     assert len(data) == SMALL["train"] and data.has_masks
     item = data[0]
     assert item["name"] == "case-0000" and item["original_size"] == (64, 64)
@@ -188,16 +188,16 @@ def test_segmentation_folder_round_trip(sites: list[Path]) -> None:
 
 
 def test_segmentation_folder_at_64px_keeps_masks_exact(sites: list[Path]) -> None:
-    data = SegmentationFolder(sites[0] / "val", FUNDUS_CLASSES, 64, in_channels=3)
+    data = PlanarDataset(sites[0] / "val", "generic", FUNDUS_CLASSES, 64, in_channels=3)
     labels = read_label_map(sites[0] / "val" / "masks" / "case-0000.png")
     expected = labels_to_channels(labels, FUNDUS_CLASSES, source="test")
     assert np.array_equal(data[0]["mask"].numpy(), expected)
 
 
 def test_augmentation_flips_image_and_mask_together(sites: list[Path]) -> None:
-    plain = SegmentationFolder(sites[0] / "train", FUNDUS_CLASSES, 32, in_channels=3)
-    augmented = SegmentationFolder(
-        sites[0] / "train", FUNDUS_CLASSES, 32, in_channels=3, augment=True, seed=1
+    plain = PlanarDataset(sites[0] / "train", "generic", FUNDUS_CLASSES, 32, in_channels=3)
+    augmented = PlanarDataset(
+        sites[0] / "train", "generic", FUNDUS_CLASSES, 32, in_channels=3, augment=True, seed=1
     )
     flips = 0
     for _ in range(12):
@@ -217,13 +217,13 @@ def test_augmentation_flips_image_and_mask_together(sites: list[Path]) -> None:
 
 def test_grey_image_is_repeated_for_a_colour_model(tmp_path: Path) -> None:
     _write_case(tmp_path, "a", np.full((20, 24), 100, np.uint8), np.zeros((20, 24), np.uint8))
-    data = SegmentationFolder(tmp_path, FUNDUS_CLASSES, 16, in_channels=3)
+    data = PlanarDataset(tmp_path, "generic", FUNDUS_CLASSES, 16, in_channels=3)
     assert data[0]["image"].shape == (3, 16, 16)
     assert data[0]["original_size"] == (20, 24)
     rgb = np.zeros((8, 8, 3), np.uint8)
     _write_case(tmp_path / "rgb", "a", rgb, np.zeros((8, 8), np.uint8))
     with pytest.raises(DataError, match=r"images/a\.png: image has 3 channel\(s\) but the model"):
-        SegmentationFolder(tmp_path / "rgb", FUNDUS_CLASSES, 8, in_channels=1)
+        PlanarDataset(tmp_path / "rgb", "generic", FUNDUS_CLASSES, 8, in_channels=1)
 
 
 def test_read_image_modes_and_scaling(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_truncated_png_names_the_file(tmp_path: Path) -> None:
         read_image(path)
     assert _one_line(error).startswith(f"{path}: cannot read image")
     with pytest.raises(DataError, match="case-1.png: cannot read image"):
-        SegmentationFolder(tmp_path, FUNDUS_CLASSES, 16, in_channels=3)
+        PlanarDataset(tmp_path, "generic", FUNDUS_CLASSES, 16, in_channels=3)
 
 
 def test_non_image_with_png_suffix_names_the_file(tmp_path: Path) -> None:
@@ -317,7 +317,7 @@ def test_mask_size_mismatch_names_the_mask(tmp_path: Path) -> None:
     )
     mask = tmp_path / "masks" / "case-0003.png"
     with pytest.raises(DataError) as error:
-        SegmentationFolder(tmp_path, FUNDUS_CLASSES, 32, in_channels=3)
+        PlanarDataset(tmp_path, "generic", FUNDUS_CLASSES, 32, in_channels=3)
     assert _one_line(error) == f"{mask}: mask is 128x120 but its image is 128x128"
 
 
@@ -326,7 +326,7 @@ def test_unknown_label_value_names_the_mask_and_value(tmp_path: Path) -> None:
     labels[4:8, 4:8] = 7
     _write_case(tmp_path, "a", np.zeros((16, 16, 3), np.uint8), labels)
     with pytest.raises(DataError) as error:
-        SegmentationFolder(tmp_path, FUNDUS_CLASSES, 16, in_channels=3)
+        PlanarDataset(tmp_path, "generic", FUNDUS_CLASSES, 16, in_channels=3)
     message = _one_line(error)
     assert message.startswith(f"{tmp_path / 'masks' / 'a.png'}: label value(s) 7 not in any class")
 
@@ -346,9 +346,12 @@ def test_image_without_mask(tmp_path: Path) -> None:
     _good_case(tmp_path, "a")
     _write_case(tmp_path, "b", np.zeros((32, 32, 3), np.uint8), None)
     with pytest.raises(DataError) as error:
-        find_cases(tmp_path, require_masks=True)
-    assert _one_line(error) == f"{tmp_path / 'masks'}: no mask for 1 of 2 images: b"
-    data = SegmentationFolder(tmp_path, FUNDUS_CLASSES, 16, in_channels=3, require_masks=False)
+        find_layout_cases(tmp_path, "generic", require_masks=True)
+    # one line per image (not one for the folder), so data.skip_cases can leave it out
+    assert _one_line(error) == f"{tmp_path / 'images' / 'b.png'}: image has no mask"
+    data = PlanarDataset(
+        tmp_path, "generic", FUNDUS_CLASSES, 16, in_channels=3, require_masks=False
+    )
     assert [c.mask_path is None for c in data.cases] == [False, True]
     assert not data.has_masks
     assert data[1]["mask"].shape == (2, 16, 16) and data[1]["mask"].sum() == 0
@@ -357,36 +360,36 @@ def test_image_without_mask(tmp_path: Path) -> None:
 def test_inference_folder_without_masks_folder(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "x.tif")
-    cases = find_cases(tmp_path, require_masks=False)
+    cases = find_layout_cases(tmp_path, "generic", require_masks=False)
     assert [(c.name, c.mask_path) for c in cases] == [("x", None)]
     with pytest.raises(DataError, match="masks folder does not exist"):
-        find_cases(tmp_path, require_masks=True)
+        find_layout_cases(tmp_path, "generic", require_masks=True)
 
 
 def test_mask_without_image_and_duplicate_stems(tmp_path: Path) -> None:
     _good_case(tmp_path, "a")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / "orphan.png")
     with pytest.raises(DataError) as error:
-        find_cases(tmp_path, require_masks=False)
+        find_layout_cases(tmp_path, "generic", require_masks=False)
     assert _one_line(error).startswith(f"{tmp_path / 'masks' / 'orphan.png'}: mask has no image")
     (tmp_path / "masks" / "orphan.png").unlink()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.jpg")
     with pytest.raises(DataError, match=r"images/a\.(png|jpg): same name as a\.(png|jpg)"):
-        find_cases(tmp_path, require_masks=True)
+        find_layout_cases(tmp_path, "generic", require_masks=True)
 
 
 def test_empty_and_missing_folders(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError) as error:
-        find_cases(missing, require_masks=True)
+        find_layout_cases(missing, "generic", require_masks=True)
     assert _one_line(error) == f"{missing}: data folder does not exist"
     with pytest.raises(DataError, match="no images/ folder"):
-        find_cases(tmp_path, require_masks=True)
+        find_layout_cases(tmp_path, "generic", require_masks=True)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
     (tmp_path / "images" / "readme.txt").write_text("nothing here")
     with pytest.raises(DataError) as error:
-        SegmentationFolder(tmp_path, FUNDUS_CLASSES, 16, in_channels=3)
+        PlanarDataset(tmp_path, "generic", FUNDUS_CLASSES, 16, in_channels=3)
     assert _one_line(error).startswith(f"{tmp_path / 'images'}: no images found")
 
 
@@ -404,21 +407,20 @@ def test_check_folder_reports_every_problem_at_once(tmp_path: Path) -> None:
     _write_case(tmp_path, "no-mask", np.zeros((32, 32, 3), np.uint8), None)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "masks" / "orphan.png")
 
-    problems = check_folder(tmp_path, FUNDUS_CLASSES, in_channels=3)
+    problems = check_dataset(tmp_path, "generic", FUNDUS_CLASSES, 3).problems
     assert all("\n" not in p for p in problems)
     assert len(problems) == 5, problems
     joined = "\n".join(problems)
     for needle in ("orphan.png", "no-mask", "truncated.png", "small-mask.png", "label-9.png"):
         assert needle in joined
     assert "good" not in joined
-    assert check_folder(tmp_path / "nowhere", FUNDUS_CLASSES, in_channels=3) == [
+    assert check_dataset(tmp_path / "nowhere", "generic", FUNDUS_CLASSES, 3).problems == [
         f"{tmp_path / 'nowhere'}: data folder does not exist"
     ]
 
 
 def test_symlink_loop_in_images_is_a_problem_naming_it(tmp_path: Path) -> None:
-    from medsegdiff_core.data.check import check_dataset, problem_kind, require_clean
-    from medsegdiff_core.data.layouts import find_layout_cases
+    from medsegdiff_core.data.check import problem_kind, require_clean
 
     layout = "generic"
     _good_case(tmp_path, "a")
@@ -438,15 +440,13 @@ def test_symlink_loop_in_images_is_a_problem_naming_it(tmp_path: Path) -> None:
     assert str(loop) in _one_line(error) and str(dead) in str(error.value)
     with pytest.raises(DataError, match=f"^{loop}: symbolic link loops"):
         find_layout_cases(tmp_path, layout, require_masks=False)
-    # the generic folder's own scan (SegmentationFolder) says the same
-    assert check_folder(tmp_path, FUNDUS_CLASSES, in_channels=3) == expected
+    # with the model's classes and channels given, the same
+    assert check_dataset(tmp_path, "generic", FUNDUS_CLASSES, 3).problems == expected
     with pytest.raises(DataError, match=f"^{loop}: symbolic link loops"):
-        find_cases(tmp_path, require_masks=False)
+        find_layout_cases(tmp_path, "generic", require_masks=False)
 
 
 def test_symlink_loop_in_volume_images_is_a_problem(tmp_path: Path) -> None:
-    from medsegdiff_core.data.check import check_dataset
-
     (tmp_path / "images").mkdir()
     loop = tmp_path / "images" / "a.nii.gz"
     loop.symlink_to(loop.name)
@@ -458,7 +458,7 @@ def test_symlink_loop_in_volume_images_is_a_problem(tmp_path: Path) -> None:
 
 
 def test_check_folder_of_a_clean_site_is_empty(sites: list[Path]) -> None:
-    assert check_folder(sites[2] / "test", FUNDUS_CLASSES, in_channels=3) == []
+    assert check_dataset(sites[2] / "test", "generic", FUNDUS_CLASSES, 3).problems == []
 
 
 # --------------------------------------------------------------------------------------------

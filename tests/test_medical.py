@@ -21,7 +21,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medsegdiff_core.data import (
-    SegmentationFolder,
     channels_to_labels,
     read_label_map,
     resize_probability,
@@ -269,7 +268,7 @@ def test_png_512_prediction_comes_back_at_512(tmp_path: Path) -> None:
     Image.fromarray(rgb).save(site / "images" / "eye.png")
     Image.fromarray((disc.astype(np.uint8) + cup).astype(np.uint8)).save(site / "masks" / "eye.png")
     classes = {"disc": [1, 2], "cup": [2]}
-    dataset = SegmentationFolder(site, classes, 64, in_channels=3)
+    dataset = PlanarDataset(site, "generic", classes, 64, in_channels=3)
     item = dataset[0]
     assert tuple(item["original_size"]) == (512, 512)
     probability = resize_probability(item["mask"].numpy(), item["original_size"])

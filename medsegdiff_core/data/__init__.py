@@ -1,22 +1,16 @@
-"""Data: the generic 2-D image/mask folder layout, built-in synthetic fundus sites, and
-prediction writers.
+"""Data: the dataset layouts (2-D and volume), file decoding, built-in synthetic fundus sites,
+and the prediction writers.
 
 Images are float32 (C, H, W) and masks float32 {0, 1} (M, H, W), one channel per configured
-class; see :mod:`.folder` for the on-disk layout.
+class. :mod:`.layouts` says where a site's files are and gives its dataset
+(:func:`~.layouts.open_dataset`); :mod:`.images` decodes 2-D files, :mod:`.volumes` 3-D ones;
+:mod:`.labels` turns label maps into mask channels and back; :mod:`.check` validates a folder;
+:mod:`.writers` writes every prediction file, 2-D and volume.
 """
 
-from .folder import (
-    IMAGE_SUFFIXES,
-    Case,
-    SegmentationFolder,
-    channels_to_labels,
-    check_folder,
-    find_cases,
-    labels_to_channels,
-    read_display_image,
-    read_image,
-    read_label_map,
-)
+from .images import IMAGE_SUFFIXES, read_display_image, read_image, read_label_map
+from .labels import channels_to_labels, labels_to_channels
+from .layouts import PlanarDataset, SegmentationDataset, SliceDataset, open_dataset
 from .synthetic import (
     FUNDUS_CLASSES,
     GLAUCOMA_CUP_TO_DISC,
@@ -40,16 +34,16 @@ __all__ = [
     "GLAUCOMA_CUP_TO_DISC",
     "IMAGE_SUFFIXES",
     "OVERLAY_COLOURS",
-    "Case",
     "OutputFolder",
-    "SegmentationFolder",
+    "PlanarDataset",
+    "SegmentationDataset",
     "SiteStyle",
+    "SliceDataset",
     "channels_to_labels",
-    "check_folder",
     "default_site_styles",
-    "find_cases",
     "labels_to_channels",
     "make_fundus_case",
+    "open_dataset",
     "read_display_image",
     "read_image",
     "read_label_map",

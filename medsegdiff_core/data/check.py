@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .folder import _class_labels
+from .images import read_image
+from .labels import class_labels
 from .layouts import (
     LAYOUTS,
     layout_spec,
@@ -160,7 +161,7 @@ def check_dataset(
     """
     spec = layout_spec(layout)
     classes = {k: list(v) for k, v in (spec.classes if classes is None else classes).items()}
-    _class_labels(classes)
+    class_labels(classes)
     channels_expected = in_channels or spec.in_channels
     report = Report(Path(folder), layout, classes)
     cases, report.problems = scan_layout(
@@ -233,8 +234,6 @@ def require_clean(
 
 def read_channels(path: Path) -> int:
     """Channels of a 2-D image file (1 grey, 3 colour); DataError if unreadable."""
-    from .folder import read_image
-
     return int(read_image(path).shape[0])
 
 

@@ -18,36 +18,39 @@ volumes    ``images/<name>.{nii.gz,nii,nrrd}`` or ``images/<name>/`` (a DICOM  l
 =========  ==================================================================  ================
 
 Mask values are first mapped to labels (REFUGE: background 0, disc rim 1, cup 2; DDTI/ISIC:
-lesion 1), then the configured classes turn labels into mask channels exactly as for the generic
-layout (:func:`~medsegdiff_core.data.folder.labels_to_channels`).
+lesion 1), then the configured classes turn labels into mask channels
+(:func:`~.labels.labels_to_channels`).
 
-2-D layouts give a :class:`PlanarDataset` (a :class:`~.folder.SegmentationFolder` with the
-layout's file matching and value mapping); volume layouts give a :class:`SliceDataset` of 2-D
-slices along each volume's axial axis, modalities stacked as channels, each modality z-scored over
-the whole volume (BraTS: over the brain, i.e. the non-zero voxels; other volumes: over all voxels
-after clipping to the 0.5-99.5 percentiles). Use :func:`open_dataset` to get either.
+One pass over a folder (:func:`scan_layout`) lists its cases and every layout-level problem, one
+line each starting with the offending path; :func:`~.check.check_dataset` then reads every case
+and :func:`find_layout_cases` stops at the first problem.
+
+Both dataset kinds share :class:`SegmentationDataset` (model-resolution tensors, augmentation,
+the item dict) and each defines its own cases: 2-D layouts give a :class:`PlanarDataset`, one item
+per image; volume layouts give a :class:`SliceDataset`, one item per 2-D slice along each volume's
+axial axis, modalities stacked as channels, each modality z-scored over the whole volume (BraTS:
+over the brain, i.e. the non-zero voxels; other volumes: over all voxels after clipping to the
+0.5-99.5 percentiles). Use :func:`open_dataset` to get either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import errno
+import os
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .classes import BRATS_CLASSES, BRATS_MODALITIES, FUNDUS_CLASSES
-from .folder import (
-    IMAGE_SUFFIXES,
-    SegmentationFolder,
-    labels_to_channels,
-    link_problems,
-    read_image,
-    read_label_map,
-)
+from .images import IMAGE_SUFFIXES, read_image, read_label_map
+from .labels import class_labels, labels_to_channels
 from .volumes import (
     Volume,
     axial_axis,
@@ -65,9 +68,11 @@ __all__ = [
     "LayoutCase",
     "LayoutSpec",
     "PlanarDataset",
+    "SegmentationDataset",
     "SliceDataset",
     "find_layout_cases",
     "layout_spec",
+    "link_problems",
     "load_planar_case",
     "load_volume_case",
     "open_dataset",
@@ -162,10 +167,6 @@ class LayoutCase:
         return self.image_paths[0]
 
 
-def _listed(names: Sequence[str]) -> str:
-    return ", ".join(names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
-
-
 def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
@@ -177,6 +178,27 @@ def _first_dir(folder: Path, names: Sequence[str]) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # Scanning folders
 # --------------------------------------------------------------------------------------------
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why ``path``, a symbolic link, cannot be followed (a loop, a missing target), else None.
+
+    Such a link is neither a file nor a folder, so a scan that only keeps files would drop it
+    without a word, and a case would go missing from training unnoticed."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path}: symbolic link loops (it leads back to itself); fix or remove it"
+        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None
+
+
+def link_problems(folder: Path) -> list[str]:
+    """A problem line per visible entry of ``folder`` that is a link that cannot be followed."""
+    return [problem for problem in map(_link_problem, _visible(Path(folder))) if problem]
 
 
 def _scan_planar(
@@ -214,7 +236,7 @@ def _scan_planar(
                 lossless = ", ".join(_MASK_SUFFIXES[layout])
                 problems.append(f"{path}: masks must be lossless ({lossless})")
     elif require_masks:
-        problems.append(f"{folder}: no {mask_names[0]}/ folder ({layout} layout)")
+        problems.append(f"{folder / mask_names[0]}: masks folder does not exist ({layout} layout)")
     return _pair_by_stem(images, masks, image_dir, require_masks, problems)
 
 
@@ -307,7 +329,8 @@ def scan_layout(
         what = "does not exist" if not folder.exists() else "is not a folder"
         return [], [f"{folder}: data folder {what}"]
     if not any(not p.name.startswith(".") for p in folder.iterdir()):
-        return [], [f"{folder}: data folder is empty"]
+        expected = "no case folders" if layout == "brats" else "no images/ folder"
+        return [], [f"{folder}: data folder is empty ({expected})"]
     if spec.kind == "planar":
         cases, problems = _scan_planar(folder, layout, require_masks)
     elif layout == "brats":
@@ -427,15 +450,172 @@ def load_volume_case(
 # Datasets
 # --------------------------------------------------------------------------------------------
 
+_NORMALISE_EPS = 1e-6
 
-class PlanarDataset(SegmentationFolder):
-    """A 2-D layout (refuge, ddti, isic, generic) as a dataset; items as SegmentationFolder's.
+
+def _resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+    tensor = torch.from_numpy(image)[None]
+    if tensor.shape[-2:] == (size, size):
+        return tensor[0].clone()
+    # Antialiasing matters when shrinking: fine texture would otherwise alias into noise.
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
+    return resized[0]
+
+
+def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    # Nearest on the label map (not on channels) keeps every pixel a single valid label.
+    tensor = torch.from_numpy(labels.astype(np.float32))[None, None]
+    resized = F.interpolate(tensor, size=(size, size), mode="nearest-exact")
+    return resized[0, 0].to(torch.int64).numpy()
+
+
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel z-score: removes most of a site's exposure and colour cast."""
+    mean = image.mean(dim=(1, 2), keepdim=True)
+    std = image.std(dim=(1, 2), keepdim=True, unbiased=False)
+    return (image - mean) / (std + _NORMALISE_EPS)
+
+
+class SegmentationDataset(Dataset):
+    """What the 2-D and the volume datasets share: the settings, model-resolution tensors,
+    augmentation and the item dict. Each subclass defines its own cases.
+
+    Each item is a dict:
+
+    - ``"image"``: float32 (C, S, S) at the model's resolution S.
+    - ``"mask"``: float32 {0, 1} (M, S, S), one channel per class in class order; zeros when
+      the case has no mask.
+    - ``"name"``: the item's name (a subclass adds its own keys, see :meth:`_names`).
+    - ``"original_size"``: (H, W) of the image (slice) on disk, to write predictions back at.
+
+    Attributes:
+        cases: The case each item comes from, one entry per item (a 2-D case is one item; a
+            volume case is one item per kept slice).
+
+    Args:
+        classes: Channel name -> label values, e.g. ``{"disc": [1, 2], "cup": [2]}``.
+        image_size: Side S of the square tensors, in pixels.
+        augment: Random horizontal flips and small per-channel gain/offset jitter.
+        seed: Seeds the augmentation stream when loading in the main process, for reproducible
+            runs. DataLoader worker processes use torch's global RNG instead, which the
+            DataLoader seeds differently per worker and epoch (a generator copied into each
+            worker would repeat the same flips in every worker and epoch).
+    """
+
+    cases: list[LayoutCase]
+
+    def __init__(
+        self, classes: Mapping[str, Sequence[int]], image_size: int, *, augment: bool, seed: int
+    ) -> None:
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        class_labels(classes)
+        self.classes = {name: list(values) for name, values in classes.items()}
+        self.image_size = image_size
+        self.augment = augment
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _tensors(
+        self,
+        items: Iterable[tuple[np.ndarray, np.ndarray | None, str]],
+        *,
+        normalise: bool,
+        empty: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Stacked model-resolution images, bool masks and original sizes of ``items``:
+        ``(image (C, H, W), labels (H, W) or None, mask file)``; images z-scored per image
+        unless ``normalise`` is off (volumes are normalised per volume before slicing)."""
+        size = self.image_size
+        images, masks, sizes = [], [], []
+        for image, labels, source in items:
+            sizes.append((int(image.shape[1]), int(image.shape[2])))
+            resized = _resize_image(image, size)
+            images.append(_normalise(resized) if normalise else resized)
+            if labels is None:
+                masks.append(torch.zeros((len(self.classes), size, size), dtype=bool))
+            else:
+                channels = labels_to_channels(
+                    _resize_labels(labels, size), self.classes, source=source
+                )
+                masks.append(torch.from_numpy(channels).bool())
+        if not images:
+            raise DataError(empty)
+        return torch.stack(images), torch.stack(masks), sizes  # bool masks: 1/4 of float32's
+
+    def _hold(
+        self,
+        items: Iterable[tuple[np.ndarray, np.ndarray | None, str]],
+        *,
+        normalise: bool,
+        empty: str,
+    ) -> None:
+        """Keep every item's tensors (:meth:`_tensors`) in memory."""
+        self._images, self._masks, self._sizes = self._tensors(
+            items, normalise=normalise, empty=empty
+        )
+
+    def _item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(image, bool mask, original size) of item ``index`` as held in memory."""
+        return self._images[index], self._masks[index], self._sizes[index]
+
+    def _names(self, index: int) -> dict:
+        """The item's ``"name"`` and any other keys saying where it came from."""
+        return {"name": self.cases[index].name}
+
+    def has_labelled_pixels(self) -> bool:
+        """Whether any held mask has a pixel of the classes (a folder of empty masks teaches
+        nothing; ``data check`` reports it as a problem)."""
+        return bool(self._masks.any())
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every case has a mask."""
+        return all(case.mask_path is not None for case in self.cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        held_image, held_mask, original_size = self._item(index)
+        image = held_image.clone()
+        mask = held_mask.to(torch.float32)
+        if self.augment:
+            image, mask = self._augment(image, mask)
+        return {"image": image, "mask": mask, **self._names(index), "original_size": original_size}
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream, e.g. per federated round, so that a round replayed
+        in a fresh process (after a crash) augments exactly as the first attempt did."""
+        self._generator.manual_seed(seed)
+
+    def _augment(
+        self, image: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        generator = None if in_worker else self._generator
+        if torch.rand((), generator=generator) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        channels = image.shape[0]
+        gain = 1.0 + 0.1 * (2 * torch.rand((channels, 1, 1), generator=generator) - 1)
+        offset = 0.1 * (2 * torch.rand((channels, 1, 1), generator=generator) - 1)
+        return image * gain + offset, mask.contiguous()
+
+
+class PlanarDataset(SegmentationDataset):
+    """A 2-D layout (generic, refuge, ddti, isic) as a dataset: one item per image.
+
+    Items are :class:`SegmentationDataset`'s: each image channel z-scored (zero mean, unit std)
+    per image; ``"name"`` is the file stem. All cases are decoded, validated, resized and
+    normalised once, at construction: the 2-D datasets this is meant for are small (thousands of
+    images at a few hundred pixels), and finding a bad file before training starts beats
+    finding it in epoch 7.
 
     Args:
         folder: The site's folder.
         layout: A planar layout name.
-        classes, image_size, in_channels, require_masks, augment, seed: As
-            :class:`~.folder.SegmentationFolder`.
+        classes, image_size, augment, seed: As :class:`SegmentationDataset`.
+        in_channels: Channels the model takes; a grey image is repeated to 3 channels if needed.
+        require_masks: Whether every image must have a mask (training, evaluation).
         skip: Case names to leave out (bad cases a user chose to skip).
 
     Raises:
@@ -457,14 +637,18 @@ class PlanarDataset(SegmentationFolder):
     ) -> None:
         if layout_spec(layout).kind != "planar":
             raise ConfigError(f"data.layout: {layout} is not a 2-D layout")
-        self._settings(classes, image_size, augment=augment, seed=seed)
+        super().__init__(classes, image_size, augment=augment, seed=seed)
         self.folder = Path(folder)
         self.layout = layout
         self.in_channels = in_channels
         self.cases = find_layout_cases(self.folder, layout, require_masks=require_masks, skip=skip)
         self._hold(
-            (*load_planar_case(case, layout, self.classes, in_channels), str(case.mask_path))
-            for case in self.cases
+            (
+                (*load_planar_case(case, layout, self.classes, in_channels), str(case.mask_path))
+                for case in self.cases
+            ),
+            normalise=True,
+            empty="no cases",
         )
 
     def target_labels(self, index: int) -> np.ndarray | None:
@@ -497,10 +681,12 @@ class _VolumeCase:
     slices: list[int]
 
 
-class SliceDataset(SegmentationFolder):
-    """Volume cases as a dataset of 2-D slices along each volume's axial axis.
+class SliceDataset(SegmentationDataset):
+    """Volume cases as a dataset of 2-D slices along each volume's axial axis: one item per
+    kept slice. The cases are :attr:`volume_cases` (case name -> its file(s), geometry, axial
+    axis and kept slices); ``cases`` names each item's case.
 
-    Each item is a dict with SegmentationFolder's keys plus where the slice came from:
+    Each item is a dict with :class:`SegmentationDataset`'s keys plus where the slice came from:
 
     - ``"image"``: float32 (C, S, S): modalities (then 4-D channels) stacked; each modality
       z-scored over its whole volume (``normalise``), then the slice resized to S x S.
@@ -523,7 +709,7 @@ class SliceDataset(SegmentationFolder):
             with background).
         skip_empty: Keep only slices whose mask has a labelled voxel (training); cases without a
             mask keep all slices.
-        augment, seed: As SegmentationFolder.
+        augment, seed: As :class:`SegmentationDataset`.
         lazy: Hold one case at a time instead of every kept slice (inference over a folder:
             memory no longer grows with the number of volumes). Items must then be read case
             by case, as inference does; each volume is decoded twice (checked at construction,
@@ -546,9 +732,9 @@ class SliceDataset(SegmentationFolder):
         seed: int = 0,
         lazy: bool = False,
     ) -> None:
-        self._settings(classes, image_size, augment=augment, seed=seed)
+        super().__init__(classes, image_size, augment=augment, seed=seed)
         self.volume_cases: dict[str, _VolumeCase] = {}
-        self.cases: list[LayoutCase] = []  # one entry per item (slice), for API parity
+        self.cases: list[LayoutCase] = []  # the case of each item (slice)
         self._slice_index: list[int] = []
         self._normalise, self._skip_empty, self.lazy = normalise, skip_empty, lazy
         self._held_case: tuple[str, torch.Tensor, torch.Tensor, list[tuple[int, int]]] | None
@@ -611,11 +797,9 @@ class SliceDataset(SegmentationFolder):
                 label_slice = None if labels is None else np.take(labels.data, k, axis=axis)
                 yield image, label_slice, str(case.mask_path)
 
-    def __getitem__(self, index: int) -> dict:
-        item = super().__getitem__(index)
+    def _names(self, index: int) -> dict:
         case, k = self.locate(index)
-        item.update(name=f"{case}@{k:03d}", case=case, slice_index=k)
-        return item
+        return {"name": f"{case}@{k:03d}", "case": case, "slice_index": k}
 
     def locate(self, index: int) -> tuple[str, int]:
         """(case name, slice index along the axial axis) of item ``index``."""

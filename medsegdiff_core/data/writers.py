@@ -211,7 +211,7 @@ def write_overlay(
         path: Output PNG; parent folders are created.
         image: (C, H, W) floats in [0, 1] (grey, RGB, or other channels of which the first is
             shown), or a uint8 (H, W, 3) RGB or (H, W) grey image (as
-            :func:`~.folder.read_display_image` reads it).
+            :func:`~.images.read_display_image` reads it).
         labels: (H, W) label map of the same size; each non-zero value gets a colour from
             :data:`OVERLAY_COLOURS`.
         alpha: Opacity of the label tint inside regions; contours are opaque.
