@@ -27,6 +27,7 @@ from .writers import (
     write_label_map,
     write_overlay,
     write_uncertainty,
+    write_volume_prediction,
 )
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "write_label_map",
     "write_overlay",
     "write_uncertainty",
+    "write_volume_prediction",
 ]

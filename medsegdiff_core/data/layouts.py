@@ -59,9 +59,8 @@ from .volumes import (
     read_volume,
     volume_format,
     volume_stem,
-    write_label_volume,
-    write_volume,
 )
+from .writers import assemble_slices, volume_output_name, write_volume_prediction
 
 __all__ = [
     "LAYOUTS",
@@ -816,27 +815,14 @@ class SliceDataset(SegmentationDataset):
     def assemble(
         self, case: str, slices: Mapping[int, np.ndarray], *, dtype: np.dtype | type = np.uint8
     ) -> np.ndarray:
-        """Put (H, W) slices (at ``original_size``) back into an ``[i, j, k]`` volume.
-
-        Slices not given are 0.
-        """
+        """Put (H, W) slices (at ``original_size``) back into an ``[i, j, k]`` volume
+        (:func:`~.writers.assemble_slices`). Slices not given are 0."""
         entry = self.volume_cases[case]
-        volume = np.zeros(entry.reference.shape, dtype=dtype)
-        for k, plane in slices.items():
-            view = np.moveaxis(volume, entry.axis, 0)[k]
-            if view.shape != np.shape(plane):
-                raise ValueError(f"slice {k} of {case} must be {view.shape}, got {np.shape(plane)}")
-            view[...] = plane
-        return volume
+        return assemble_slices(case, entry.reference.shape, entry.axis, slices, dtype=dtype)
 
     def output_name(self, case: str) -> str:
         """File name of a case's prediction: the input's format (DICOM series -> NIfTI)."""
-        reference = self.volume_cases[case].reference
-        if reference.format == "nrrd":
-            return f"{case}.nrrd"
-        if reference.format == "nifti" and reference.path.name.lower().endswith(".nii"):
-            return f"{case}.nii"
-        return f"{case}.nii.gz"
+        return volume_output_name(case, self.volume_cases[case].reference)
 
     def write_prediction(
         self,
@@ -845,26 +831,14 @@ class SliceDataset(SegmentationDataset):
         labels: Mapping[int, np.ndarray],
         uncertainty: Mapping[int, np.ndarray] | None = None,
     ) -> list[Path]:
-        """Write ``out_dir/masks/<case>.<ext>`` (uint8 labels) and, if given,
-        ``out_dir/uncertainty/<case>.<ext>`` (float32 in [0, 1]) on the case's image grid.
-
-        Args:
-            out_dir: Output folder.
-            case: Case name.
-            labels: Slice index -> (H, W) label map at the slice's ``original_size``.
-            uncertainty: Slice index -> (H, W) uncertainty, same sizes.
-
-        Returns:
-            The written paths.
-        """
-        reference = self.reference(case)
-        name = self.output_name(case)
-        label_volume = self.assemble(case, labels)
-        paths = [write_label_volume(Path(out_dir) / "masks" / name, label_volume, reference)]
-        if uncertainty is not None:
-            volume = self.assemble(case, uncertainty, dtype=np.float32)
-            paths.append(write_volume(Path(out_dir) / "uncertainty" / name, volume, reference))
-        return paths
+        """Write a case's prediction on its image grid
+        (:func:`~.writers.write_volume_prediction`): ``out_dir/masks/<case>.<ext>`` and, with
+        ``uncertainty``, ``out_dir/uncertainty/<case>.<ext>``; labels and uncertainty map slice
+        index -> (H, W) at the slice's ``original_size``. Returns the written paths."""
+        entry = self.volume_cases[case]
+        return write_volume_prediction(
+            out_dir, case, entry.reference, entry.axis, labels, uncertainty
+        )
 
     def target_labels(self, index: int) -> np.ndarray | None:
         """The item's (H, W) label slice at its original size, or None without a mask."""

@@ -1,12 +1,15 @@
-"""Writing predictions as PNGs at the input image's original resolution.
+"""Writing predictions: every output file, 2-D and volume, is written here.
 
 The model works at a fixed square size; these helpers bring its outputs back to each image's
-(H, W) on disk and write label maps (for tools), uncertainty maps and colour overlays (for people).
+(H, W) on disk and write label maps (for tools), uncertainty maps and colour overlays (for
+people) as PNGs, and put a volume case's slices back together on its image's grid
+(:func:`write_volume_prediction`, through :mod:`.volumes`' format-level writers). The
+:class:`OutputFolder` guards where a run may write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +18,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import DataError
+from .volumes import Volume, write_label_volume, write_volume
 
 __all__ = [
     "OVERLAY_COLOURS",
     "OutputFolder",
+    "assemble_slices",
     "resize_label_map",
     "resize_probability",
+    "volume_output_name",
     "write_label_map",
     "write_overlay",
     "write_uncertainty",
+    "write_volume_prediction",
 ]
 
 OVERLAY_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -246,3 +253,67 @@ def _blend(
     # Solid contours show the predicted boundary even where the tint is hard to see.
     mixed = np.where(edges[..., None], tint, mixed)
     return np.rint(mixed).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Volumes
+# --------------------------------------------------------------------------------------------
+
+
+def volume_output_name(case: str, reference: Volume) -> str:
+    """File name of a case's prediction: the input's format (DICOM series -> NIfTI)."""
+    if reference.format == "nrrd":
+        return f"{case}.nrrd"
+    if reference.format == "nifti" and reference.path.name.lower().endswith(".nii"):
+        return f"{case}.nii"
+    return f"{case}.nii.gz"
+
+
+def assemble_slices(
+    case: str,
+    shape: tuple[int, ...],
+    axis: int,
+    slices: Mapping[int, np.ndarray],
+    *,
+    dtype: np.dtype | type = np.uint8,
+) -> np.ndarray:
+    """Put (H, W) slices, by index along ``axis``, back into an ``[i, j, k]`` volume of
+    ``shape``; slices not given are 0. ``case`` names the volume in errors."""
+    volume = np.zeros(shape, dtype=dtype)
+    for k, plane in slices.items():
+        view = np.moveaxis(volume, axis, 0)[k]
+        if view.shape != np.shape(plane):
+            raise ValueError(f"slice {k} of {case} must be {view.shape}, got {np.shape(plane)}")
+        view[...] = plane
+    return volume
+
+
+def write_volume_prediction(
+    out_dir: Path,
+    case: str,
+    reference: Volume,
+    axis: int,
+    labels: Mapping[int, np.ndarray],
+    uncertainty: Mapping[int, np.ndarray] | None = None,
+) -> list[Path]:
+    """Write ``out_dir/masks/<case>.<ext>`` (uint8 labels) and, if given,
+    ``out_dir/uncertainty/<case>.<ext>`` (float32 in [0, 1]) on the grid of ``reference``.
+
+    Args:
+        out_dir: Output folder.
+        case: Case name.
+        reference: The case's image geometry (shape, affine, header, format).
+        axis: The axial axis the slices were cut along.
+        labels: Slice index -> (H, W) label map at the slice's original size.
+        uncertainty: Slice index -> (H, W) uncertainty, same sizes.
+
+    Returns:
+        The written paths.
+    """
+    name = volume_output_name(case, reference)
+    label_volume = assemble_slices(case, reference.shape, axis, labels)
+    paths = [write_label_volume(Path(out_dir) / "masks" / name, label_volume, reference)]
+    if uncertainty is not None:
+        volume = assemble_slices(case, reference.shape, axis, uncertainty, dtype=np.float32)
+        paths.append(write_volume(Path(out_dir) / "uncertainty" / name, volume, reference))
+    return paths
