@@ -36,9 +36,14 @@ from medsegdiff_core.training import (
 
 from . import optimizer_state, telemetry
 from .privacy_state import privacy_record, site_ledger, with_site_privacy
+from .secure_update import secure_aggregation_mod
 from .site import Site
 
 app = ClientApp()
+
+# Train messages of a SecAgg+ round go through the site's own check, clip and weighting and
+# Flower's masking (client/secure_update.py); any other message reaches the handler as is.
+TRAIN_MODS = [secure_aggregation_mod]
 
 
 def _model_from(msg: Message, site: Site) -> MedSegDiffUNet:
@@ -93,7 +98,7 @@ def _proximal(model: MedSegDiffUNet, mu: float) -> ProximalTerm | None:
     return ProximalTerm(mu, {k: v.detach().clone() for k, v in model.named_parameters()})
 
 
-@app.train()
+@app.train(mods=TRAIN_MODS)
 @telemetry.observed
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's data for ``federation.local_steps`` steps."""

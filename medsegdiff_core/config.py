@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .diffusion.losses import TrainingObjective
 from .diffusion.schedule import NoiseSchedule
@@ -197,6 +205,67 @@ class FederationConfig(_Section):
     )
     round_timeout_s: float = Field(3600.0, gt=0)
     release_name: str = Field("fedmedsegdiff", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    max_weight: int | None = Field(
+        None,
+        ge=1,
+        description="the most examples (FedAvg weight) a site may claim; announced to the sites "
+        "each round and a larger claim is cut to it. None: no fixed bound without secure "
+        "aggregation, 1000 with it (where it is also the weights' quantisation scale: keep it "
+        "near the largest real claim)",
+    )
+    # Secure aggregation (SecAgg+, Bell et al. 2020; server/secure_aggregation.py and
+    # client/secure_update.py): the server receives masked vectors only and unmasks their sum.
+    secure_aggregation: bool = Field(
+        False, description="every training round uses Flower's SecAgg+ (see the README)"
+    )
+    num_shares: int = Field(
+        3,
+        ge=3,
+        description="SecAgg+: each site's secrets are split among this many sites (itself and "
+        "its neighbours); more tolerates more dropouts at more cost",
+    )
+    reconstruction_threshold: int = Field(
+        2,
+        ge=2,
+        description="SecAgg+: shares needed to rebuild a secret; less than num_shares and at "
+        "most min_available_sites; a round goes on while this many of a site's neighbours remain",
+    )
+    update_clip_norm: float = Field(
+        10.0,
+        gt=0,
+        description="SecAgg+: L2 bound the server announces each round; each site clips its "
+        "update (local minus global weights) to it before masking, and the server refuses an "
+        "aggregate update above it",
+    )
+    quantization_clip: float = Field(
+        1.0,
+        gt=0,
+        description="SecAgg+: each weight of a site's update is clipped to [-q, q] and quantised "
+        "in that range (Flower's clipping_range)",
+    )
+    quantization_range: int = Field(
+        2**22,
+        ge=2**8,
+        le=2**30,
+        description="SecAgg+: quantisation levels in [-quantization_clip, quantization_clip]; "
+        "sites x quantization_range must stay below 2**32 (the masks' modulus)",
+    )
+
+    @field_validator("reconstruction_threshold")
+    @classmethod
+    def _threshold_fits(cls, value: int, info: ValidationInfo) -> int:
+        if not info.data.get("secure_aggregation"):
+            return value
+        shares = info.data.get("num_shares")
+        if shares is not None and value >= shares:
+            raise ValueError(f"must be less than federation.num_shares={shares}")
+        sites = info.data.get("min_available_sites")
+        if sites is not None and value > sites:
+            raise ValueError(
+                f"{value} is more than the federation.min_available_sites={sites} sites a round "
+                "starts with: the round's sum could not be unmasked"
+            )
+        return value
 
 
 class PrivacyConfig(_Section):
@@ -265,6 +334,15 @@ class ExperimentConfig(_Section):
     inference: InferenceConfig = InferenceConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _secure_aggregation_without_central_dp(self) -> ExperimentConfig:
+        if self.federation.secure_aggregation and self.privacy.central:
+            raise ValueError(
+                "federation.secure_aggregation: not supported with privacy.central (central DP "
+                "clips each site's update at the server, which secure aggregation hides)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _architecture_is_buildable(self) -> ExperimentConfig:

@@ -171,12 +171,35 @@ class CentralDPRound(_Record):
     updates_averaged: int
 
 
+class SecureAggregationRound(_Record):
+    """A round trained with secure aggregation (SecAgg+): what the server could see of it.
+
+    ``clipped`` names the sites that said they clipped their update; ``dropped`` the sampled
+    sites (or nodes) whose masked vector never came; ``halted`` why the protocol stopped before
+    unmasking; ``aggregate_refused`` why the unmasked mean update was not applied.
+    """
+
+    sites_sampled: int = 0
+    masked_vectors: int = 0
+    contributors: int = 0  # masked vectors with a weight above 0
+    clipped: list[str] = Field(default_factory=list)
+    dropped: list[str] = Field(default_factory=list)
+    halted: str | None = None
+    aggregate_norm: float | None = None
+    aggregate_bound: float | None = None
+    quantization_error: float | None = None  # bound per weight of the mean update
+    aggregate_refused: str | None = None
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
 class RoundRecord(_Record):
     """One round of a federated run, as ``state.json``'s history keeps it.
 
     Every field but ``round`` has a default, so entries written before a field existed parse.
-    ``failed``, ``central_dp`` and ``site_evaluate`` are written only when set (a failed round,
-    a round under central DP, a round with federated evaluation).
+    ``failed``, ``central_dp``, ``secure_aggregation`` and ``site_evaluate`` are written only
+    when set (a failed round, a round under central DP or secure aggregation, a round with
+    federated evaluation).
     """
 
     round: int
@@ -189,6 +212,7 @@ class RoundRecord(_Record):
     evaluate: SiteMetrics = Field(default_factory=SiteMetrics)  # weighted average
     failed: bool = False  # fewer usable updates than federation.min_sites: model kept
     central_dp: CentralDPRound | None = None
+    secure_aggregation: SecureAggregationRound | None = None
     site_train: dict[str, SiteMetrics] = Field(default_factory=dict)
     train_wall_s: float | None = None
     train_replies_s: float | None = None  # the rest of train_wall_s: screening and averaging
@@ -210,6 +234,8 @@ class RoundRecord(_Record):
             del data["failed"]
         if self.central_dp is None:
             del data["central_dp"]
+        if self.secure_aggregation is None:
+            del data["secure_aggregation"]
         if self.site_evaluate is None:
             del data["site_evaluate"]
         return data

@@ -15,7 +15,7 @@ from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.privacy import epsilon_of
 from medsegdiff_core.records import PrivacyRecord, RoundRecord, SiteMetrics, round_counts
 
-from .run_store import RunState
+from .run_store import RunState, secure_aggregation_settings
 
 
 def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet) -> dict:
@@ -132,8 +132,32 @@ def privacy_card(config: ExperimentConfig, state: RunState) -> dict[str, Any]:
         },
         "sites": per_site,
         "central": central_card(config, state),
+        "secure_aggregation": secure_aggregation_card(config, state),
     }
     return card
+
+
+def secure_aggregation_card(config: ExperimentConfig, state: RunState) -> dict[str, Any] | None:
+    """Secure aggregation (SecAgg+): its parameters, what it protects, how its rounds went
+    (None when the run did not use it)."""
+    settings = secure_aggregation_settings(config)
+    if settings is None:
+        return None
+    rounds = [r for r in state.history if r.secure_aggregation is not None]
+    return settings | {
+        "rounds": len(rounds),
+        "rounds_halted": sum(1 for r in rounds if r.secure_aggregation.halted),
+        "aggregates_refused": sum(1 for r in rounds if r.secure_aggregation.aggregate_refused),
+        "updates_clipped": sum(len(r.secure_aggregation.clipped) for r in rounds),
+        "sites_dropped": sum(len(r.secure_aggregation.dropped) for r in rounds),
+        "protects": "each site's update from the coordinator and from anyone who sees the "
+        "traffic: the server receives masked vectors and unmasks only the example-weighted "
+        "sum of the sites' clipped updates",
+        "does_not_protect": "the aggregate and the released model (what they reveal about a "
+        "site's data; use DP for that), each site's metrics, privacy record and example count "
+        "(sent in the clear), and a coordinator that fakes sites unless node authentication "
+        "pins the SuperNodes",
+    }
 
 
 def central_card(config: ExperimentConfig, state: RunState) -> dict[str, Any] | None:

@@ -43,14 +43,38 @@ from medsegdiff_core.records import (
     round_counts,
 )
 
+from .secure_aggregation import parameters
+
 # Settings that may change between a crash and the restart without changing the run.
 _RESUMABLE_FIELDS = {"federation": {"rounds", "round_timeout_s"}}
+# Federation settings added with secure aggregation: left out of the digest while they are at
+# their defaults, so that runs begun before they existed still resume.
+_SECURE_AGGREGATION_FIELDS = {
+    "max_weight",
+    "secure_aggregation",
+    "num_shares",
+    "reconstruction_threshold",
+    "update_clip_norm",
+    "quantization_clip",
+    "quantization_range",
+}
 
 
 def config_digest(config: ExperimentConfig) -> str:
     """sha256 of everything in the config that determines the trained weights."""
     data = config.model_dump(mode="json", exclude=_RESUMABLE_FIELDS)
+    defaults = type(config.federation)().model_dump(mode="json")
+    for key in _SECURE_AGGREGATION_FIELDS:
+        if data["federation"].get(key) == defaults[key]:
+            data["federation"].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def secure_aggregation_settings(config: ExperimentConfig) -> dict[str, Any] | None:
+    """What state.json and the model card say about secure aggregation (None: off)."""
+    if not config.federation.secure_aggregation:
+        return None
+    return parameters(config.federation)
 
 
 def registered_examples(history: list[RoundRecord]) -> dict[str, int]:
@@ -141,6 +165,8 @@ class RunStore:
             "counts": round_counts(state.history).to_json(),
             "history": history_to_json(state.history),
         }
+        if (secure := secure_aggregation_settings(self.config)) is not None:
+            payload["secure_aggregation"] = secure
         atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())
         for old in sorted(self.directory.glob("round-*.safetensors"))[: -self.keep]:
             old.unlink(missing_ok=True)

@@ -7,19 +7,25 @@ averaging are Flower's own strategies.
 
 from __future__ import annotations
 
+import math
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from medsegdiff_core.checkpoint import save_experiment_checkpoint
-from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
+from medsegdiff_core.config import (
+    ExperimentConfig,
+    FederationConfig,
+    config_from_run_config,
+    resolve_workdir,
+)
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.records import (
     NUM_EXAMPLES,
@@ -28,6 +34,7 @@ from medsegdiff_core.records import (
     PrivacyRecord,
     RecordError,
     RoundRecord,
+    SecureAggregationRound,
     SiteMetrics,
     SiteReason,
     round_counts,
@@ -45,8 +52,18 @@ from medsegdiff_core.training import seed_everything
 from .central_dp import CentralDP
 from .model_card import model_card
 from .run_store import RunState, RunStore, registered_examples
+from .secure_aggregation import (
+    SecureAggregation,
+    SecureRound,
+    apply_update,
+    check_aggregate,
+    quantization_error,
+    screen_secure,
+)
+from .secure_aggregation import max_weight as secure_max_weight
 from .server_momentum import ServerMomentum
-from .validation import cap_claimed_examples, screen_updates, site_name
+from .validation import CappedClaim as CappedClaimUsed
+from .validation import Screening, cap_claimed_examples, screen_updates, site_name
 
 APP_ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,6 +170,7 @@ def run_round(
     run_uid: str,
     central: CentralDP | None = None,
     registered: dict[str, int] | None = None,
+    secure: SecureAggregation | None = None,
 ) -> tuple[ArrayRecord, RoundRecord]:
     """Train on the sites, screen and average their updates, apply the server momentum,
     evaluate; return new weights and the round's record for the history.
@@ -160,14 +178,22 @@ def run_round(
     A site whose privacy budget would be exceeded declines: it is logged by name, left out
     without counting as a rejected update, and the round goes on with the others. Claimed
     example counts are capped (``cap_claimed_examples``) against ``registered``, each site's
-    first claim in the run. With ``central`` the round is averaged by :class:`CentralDP`."""
+    first claim in the run. With ``central`` the round is averaged by :class:`CentralDP`; with
+    ``secure`` it is trained through SecAgg+ (:mod:`server.secure_aggregation`): the sites
+    screen, clip and weight their own updates and the server checks the unmasked mean."""
     fed = config.federation
     _wait_for_sites(grid, fed.min_available_sites, timeout_s=fed.round_timeout_s)
     start = time.monotonic()
-    instructions = list(
-        strategy.configure_train(server_round, arrays, ConfigRecord({"run-uid": run_uid}), grid)
-    )
-    replies = list(grid.send_and_receive(instructions, timeout=fed.round_timeout_s))
+    outcome: SecureRound | None = None
+    if secure is not None:
+        outcome = secure.train(server_round, grid, arrays, run_uid)
+        replies, sampled = outcome.replies, outcome.sampled
+    else:
+        instructions = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord({"run-uid": run_uid}), grid)
+        )
+        replies = list(grid.send_and_receive(instructions, timeout=fed.round_timeout_s))
+        sampled = len(instructions)
     replies_s = time.monotonic() - start
     declined = sorted((m for m in replies if _declined(m)), key=site_name)
     privacy = _privacy_records(replies)
@@ -180,24 +206,37 @@ def run_round(
             privacy[site_name(msg)].reason or "",
         )
     replies = [m for m in replies if not _declined(m)]
-    screening = screen_updates(
-        replies, arrays, norm_factor=None if central else fed.norm_outlier_factor
-    )
+    clipped: list[str] = []
+    if outcome is not None:
+        accepted, rejected, cut, clipped = screen_secure(replies, site_name)
+        screening = Screening(accepted, rejected)
+        capped = [CappedClaimUsed(site, claimed, used) for site, claimed, used in cut]
+    else:
+        screening = screen_updates(
+            replies, arrays, norm_factor=None if central else fed.norm_outlier_factor
+        )
+        capped = cap_claimed_examples(
+            screening.accepted,
+            max_ratio=fed.max_weight_ratio,
+            registered=registered or {},
+            max_weight=fed.max_weight,
+        )
     for site, reason in screening.rejected:
         log(WARNING, "round %d: update from %s rejected: %s", server_round, site, reason)
-    capped = cap_claimed_examples(
-        screening.accepted, max_ratio=fed.max_weight_ratio, registered=registered or {}
-    )
+    for site in clipped:
+        log(INFO, "round %d: %s clipped its update to the announced bound", server_round, site)
     for claim in capped:
         log(
             WARNING,
-            "round %d: %s claimed %d examples; weighted as %d (federation.max_weight_ratio=%g "
-            "times the round's median, and at most its first claim in the run)",
+            "round %d: %s claimed %d examples; weighted as %d (%s)",
             server_round,
             claim.site,
             claim.claimed,
             claim.used,
-            fed.max_weight_ratio,
+            f"federation.max_weight={secure_max_weight(fed)}, applied by the site"
+            if outcome is not None
+            else f"federation.max_weight_ratio={fed.max_weight_ratio:g} times the round's "
+            "median, at most its first claim in the run and federation.max_weight",
         )
     record = RoundRecord(
         round=server_round,
@@ -210,6 +249,18 @@ def run_round(
         privacy=privacy,
         capped_examples=[CappedClaim(site=c.site, claimed=c.claimed, used=c.used) for c in capped],
     )
+    if outcome is not None:
+        record.secure_aggregation = SecureAggregationRound(
+            sites_sampled=outcome.sampled,
+            masked_vectors=sum(1 for m in outcome.replies if not m.has_error()),
+            contributors=len(screening.accepted),
+            clipped=clipped,
+            dropped=sorted(site_name(m) for m in outcome.replies if m.has_error())
+            + ["(no reply)"] * max(0, outcome.sampled - len(outcome.replies)),
+            halted=outcome.halted,
+            bytes_received=outcome.bytes_received,
+            bytes_sent=outcome.bytes_sent,
+        )
     if len(screening.accepted) < fed.min_sites:
         log(
             ERROR,
@@ -219,16 +270,27 @@ def run_round(
             fed.min_sites,
         )
         record.failed = True
+    elif outcome is not None:
+        arrays = _apply_secure(
+            server_round, outcome, arrays, screening.accepted, fed, momentum, record
+        )
+        if not record.failed:
+            train_metrics = aggregate_metricrecords(
+                [RecordDict({"metrics": m.content["metrics"]}) for m in screening.accepted],
+                NUM_EXAMPLES,
+            )
+            total = sum(int(m.content["metrics"][NUM_EXAMPLES]) for m in screening.accepted)
+            record.train = _averaged(train_metrics, server_round, {NUM_EXAMPLES: total})
     else:
         if central is not None:
             new_arrays = central.aggregate(
-                arrays, [m.content["arrays"] for m in screening.accepted], len(instructions)
+                arrays, [m.content["arrays"] for m in screening.accepted], sampled
             )
             train_metrics = aggregate_metricrecords(
                 [m.content for m in screening.accepted], NUM_EXAMPLES
             )
             record.central_dp = CentralDPRound(
-                sites_sampled=len(instructions), updates_averaged=len(screening.accepted)
+                sites_sampled=sampled, updates_averaged=len(screening.accepted)
             )
         else:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, screening.accepted)
@@ -243,7 +305,11 @@ def run_round(
     record.train_wall_s = train_wall
     record.train_replies_s = replies_s  # the rest of train_wall is screening and averaging
     record.round_overhead = train_wall / slowest if slowest > 0 else None
-    record.update_bytes = sum(m.content["arrays"].count_bytes() for m in screening.accepted)
+    record.update_bytes = (
+        outcome.bytes_received
+        if outcome is not None
+        else sum(m.content["arrays"].count_bytes() for m in screening.accepted)
+    )
     record.model_bytes = arrays.count_bytes()
 
     if fed.fraction_evaluate > 0 and (
@@ -261,6 +327,42 @@ def run_round(
         record.site_evaluate = _site_metrics(replies, server_round)
     record.wall_s = time.monotonic() - start
     return arrays, record
+
+
+def _apply_secure(
+    server_round: int,
+    outcome: SecureRound,
+    arrays: ArrayRecord,
+    accepted: list[Message],
+    fed: FederationConfig,
+    momentum: ServerMomentum,
+    record: RoundRecord,
+) -> ArrayRecord:
+    """Check the unmasked mean update and apply it (with the server momentum); a round whose
+    protocol halted or whose aggregate is refused keeps the global model (``record.failed``)."""
+    sa = record.secure_aggregation
+    assert sa is not None
+    if outcome.mean_update is None:
+        log(ERROR, "round %d: no aggregate (%s); global model kept", server_round, outcome.halted)
+        record.failed = True
+        return arrays
+    weights = [int(m.content["metrics"][NUM_EXAMPLES]) for m in accepted]
+    sa.quantization_error = quantization_error(
+        sa.masked_vectors,
+        weights,
+        clip=fed.quantization_clip,
+        levels=fed.quantization_range,
+        max_weight=secure_max_weight(fed),
+    )
+    dimension = sum(int(u.size) for u in outcome.mean_update)
+    sa.aggregate_bound = fed.update_clip_norm + math.sqrt(dimension) * sa.quantization_error
+    sa.aggregate_norm, problem = check_aggregate(outcome.mean_update, arrays, sa.aggregate_bound)
+    if problem is not None:
+        log(ERROR, "round %d: aggregate refused: %s; global model kept", server_round, problem)
+        sa.aggregate_refused = problem
+        record.failed = True
+        return arrays
+    return momentum.step(arrays, apply_update(arrays, outcome.mean_update))
 
 
 def model_from(arrays: ArrayRecord, config: ExperimentConfig) -> MedSegDiffUNet:
@@ -317,6 +419,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(config)
     central = make_central_dp(config)
     fed = config.federation
+    secure = SecureAggregation(config, context) if fed.secure_aggregation else None
     momentum = ServerMomentum(fed.server_momentum, fed.server_lr, state.velocity)
     for server_round in range(state.completed_round + 1, fed.rounds + 1):
         log(INFO, "[ROUND %d/%d]", server_round, fed.rounds)
@@ -330,6 +433,7 @@ def main(grid: Grid, context: Context) -> None:
             run_uid=state.uid,
             central=central,
             registered=registered_examples(state.history),
+            secure=secure,
         )
         store.save_round(state, model_from(arrays, config), record, momentum.velocity)
         log(

@@ -134,20 +134,28 @@ class CappedClaim:
 
 
 def cap_claimed_examples(
-    accepted: list[Message], *, max_ratio: float, registered: dict[str, int]
+    accepted: list[Message],
+    *,
+    max_ratio: float,
+    registered: dict[str, int],
+    max_weight: int | None = None,
 ) -> list[CappedClaim]:
     """Bound each site's FedAvg weight, in place, and return the claims that were cut.
 
     A site may weigh at most ``max_ratio`` times the round's lower median claim, and never more
     than it registered (its first accepted claim in the run: a site's data does not grow while
     a run lasts). A site that claims 10^9 examples then weighs at most ``max_ratio / (max_ratio
-    + n - 1)`` of an n-site average instead of all of it.
+    + n - 1)`` of an n-site average instead of all of it. ``max_weight``
+    (``federation.max_weight``), when set, is a fixed bound on every claim, the one a site
+    applies itself under secure aggregation.
     """
     claims = {site_name(m): int(m.content["metrics"][NUM_EXAMPLES]) for m in accepted}
     if not claims:
         return []
     ordered = sorted(claims.values())
     bound = max(1, math.floor(max_ratio * ordered[(len(ordered) - 1) // 2]))
+    if max_weight is not None:
+        bound = min(bound, max_weight)
     capped = []
     for msg in accepted:
         site = site_name(msg)
