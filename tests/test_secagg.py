@@ -285,3 +285,28 @@ def test_the_server_refuses_a_broken_or_oversized_aggregate() -> None:
     assert "over the bound" in problem
     _, problem = check_aggregate([np.array([np.nan, 0, 0, 0])], global_arrays, 5.0)
     assert "NaN" in problem
+
+
+def test_max_weight_bounds_claims_without_secure_aggregation_too() -> None:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.validation import cap_claimed_examples
+
+    # Messages can only be built inside a Flower run; give this process a run identity.
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+
+    def reply(site: str, examples: int) -> Message:
+        content = RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": examples}),
+                "site": ConfigRecord({"name": site}),
+            }
+        )
+        return Message(content=content, dst_node_id=1, message_type="train")
+
+    replies = [reply("a", 40), reply("b", 40), reply("c", 40)]
+    assert cap_claimed_examples(replies, max_ratio=10, registered={}, max_weight=30)
+    assert [int(m.content["metrics"]["num-examples"]) for m in replies] == [30, 30, 30]
+    replies = [reply("a", 40), reply("b", 40)]
+    assert cap_claimed_examples(replies, max_ratio=10, registered={}, max_weight=None) == []
