@@ -254,6 +254,36 @@ def test_labels_channels_round_trip_fundus_and_brats() -> None:
     assert channels_to_labels(tc_only, BRATS_CLASSES)[0, 0] == 0
 
 
+def test_monai_transforms_give_the_written_out_numbers() -> None:
+    # Label maps are resized and volumes clipped with MONAI; these are the formulas they replace.
+    import torch.nn.functional as F
+
+    from medsegdiff_core.data.layouts import _normalise, _normalise_volume, _resize_labels
+
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        h, w = rng.integers(5, 90, 2)
+        size = int(rng.integers(4, 70))
+        labels = rng.integers(0, 5, (h, w))
+        nearest = F.interpolate(
+            torch.from_numpy(labels.astype(np.float32))[None, None],
+            (size, size),
+            mode="nearest-exact",
+        )[0, 0].to(torch.int64)
+        assert np.array_equal(_resize_labels(labels, size), nearest.numpy())
+        volume = rng.normal(0, 500, (*rng.integers(6, 40, 2), int(rng.integers(3, 9))))
+        clipped = np.clip(volume, *np.percentile(volume, [0.5, 99.5]))
+        whole = (clipped - clipped.mean()) / (clipped.std() + 1e-6)
+        normed = _normalise_volume(volume.astype(np.float32), "volume")
+        assert normed.dtype == np.float32
+        np.testing.assert_allclose(normed, whole, rtol=0, atol=1e-5)
+    # Why the z-scores are not MONAI's NormalizeIntensity: a flat image or volume stays near 0
+    # (MONAI's: +-1, its float32 rounding noise divided by a std of ~1e-8).
+    assert _normalise(torch.full((1, 4, 4), 0.3)).abs().max() < 0.05
+    flat = np.full((240, 240, 155), 0.3, np.float32)
+    assert np.abs(_normalise_volume(flat, "volume")).max() < 0.05
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: every message names the file
 # --------------------------------------------------------------------------------------------

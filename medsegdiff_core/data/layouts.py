@@ -45,6 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms import ClipIntensityPercentiles, Resize
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
@@ -449,7 +450,10 @@ def load_volume_case(
 # Datasets
 # --------------------------------------------------------------------------------------------
 
+# The z-scores are ours, not MONAI's NormalizeIntensity: it divides by the bare std, so a flat
+# image or volume (float32 rounding noise, std ~1e-8) comes out +-1 instead of 0.
 _NORMALISE_EPS = 1e-6
+_CLIP_PERCENTILES = ClipIntensityPercentiles(lower=0.5, upper=99.5)
 
 
 def _resize_image(image: np.ndarray, size: int) -> torch.Tensor:
@@ -457,15 +461,15 @@ def _resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     if tensor.shape[-2:] == (size, size):
         return tensor[0].clone()
     # Antialiasing matters when shrinking: fine texture would otherwise alias into noise.
+    # Not MONAI's Resize: its anti_aliasing is a Gaussian pre-blur, not this antialiased kernel.
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
     return resized[0]
 
 
 def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
     # Nearest on the label map (not on channels) keeps every pixel a single valid label.
-    tensor = torch.from_numpy(labels.astype(np.float32))[None, None]
-    resized = F.interpolate(tensor, size=(size, size), mode="nearest-exact")
-    return resized[0, 0].to(torch.int64).numpy()
+    resized = Resize((size, size), mode="nearest-exact")(labels[None].astype(np.float32))
+    return np.asarray(resized[0]).astype(np.int64)
 
 
 def _normalise(image: torch.Tensor) -> torch.Tensor:
@@ -657,19 +661,19 @@ class PlanarDataset(SegmentationDataset):
 
 
 def _normalise_volume(data: np.ndarray, mode: str) -> np.ndarray:
-    """Z-score one modality ``[i, j, k]``: over its non-zero voxels or its clipped whole volume."""
+    """Z-score one modality ``[i, j, k]``: over its non-zero voxels (background stays 0, as in
+    BraTS practice) or, with fewer than two of them or in ``"volume"`` mode, over the whole
+    volume clipped to its 0.5-99.5 percentiles. float32."""
     data = data.astype(np.float32)
     if mode == "nonzero":
         inside = data != 0
         if inside.sum() > 1:
             values = data[inside]
-            out = (data - values.mean()) / (values.std() + 1e-6)
-            out[~inside] = 0.0  # background stays 0, as in BraTS practice
+            out = (data - values.mean()) / (values.std() + _NORMALISE_EPS)
+            out[~inside] = 0.0
             return out
-    low, high = np.percentile(data, [0.5, 99.5])
-    clipped = np.clip(data, low, high)
-    # np.percentile's float64 bounds would make the whole volume float64 (NumPy 2 promotion).
-    return ((clipped - clipped.mean()) / (clipped.std() + 1e-6)).astype(np.float32)
+    clipped = np.asarray(_CLIP_PERCENTILES(data))  # float32, as the volume
+    return (clipped - clipped.mean()) / (clipped.std() + _NORMALISE_EPS)
 
 
 @dataclass
