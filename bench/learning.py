@@ -1,14 +1,23 @@
-"""Does MedSegDiff learn, and where does it stand? Train, sample, score — on this machine.
+"""Does MedSegDiff learn, and does it beat a supervised UNet? Train, sample, score — on this CPU.
 
-Trains the `small` preset centrally on the built-in 3-site fundus data within a wall-time budget,
-then scores on the held-out images of all sites:
+Every arm trains centrally on the built-in 3-site fundus data (64 px) within the same wall-time
+budget, and every arm is scored on the held-out images of all sites by the product's scorer
+(``evaluate_dataset`` / ``score_dataset``, see bench/arms.py): per-class Dice, Spearman(case
+uncertainty score, Dice), pooled pixel AUROC for errors and ECE, seconds per image and training
+steps per second.
 
-  (a) the paper's sampler: 1000-step DDPM, ensemble of 5 fused by STAPLE (on a subset: slow);
-  (b) the fast sampler: 20-step DPM-Solver++ (and DDIM), ensemble of 5 (all images and subset);
-  (c) a plain deterministic UNet (MONAI BasicUNet, sigmoid + Dice/BCE loss) trained on the same
-      data within the same wall-time budget — what a user would pick instead.
+  MedSegDiff    the config's model and training options; with ``--ablate`` one row per option
+                set in ABLATIONS (same budget, same seeds), with the fast sampler;
+  BasicUNet     MONAI's BasicUNet, sigmoid + Dice/BCE (its sigmoid is the "uncertainty");
+  BasicUNet MC  the same network trained with dropout 0.1, MC dropout with as many passes as
+                the ensemble has members;
+  DynUNet       MONAI's DynUNet as nnU-Net plans it for the image size.
 
-Run: python bench/learning.py [--budget-s 720] [--json runs/bench-learning.json]
+``--few-step`` adds the few-step table for the (first) MedSegDiff model: DDIM 1, 2, 4, 10 and
+DPM-Solver++ 20 steps on all held-out images, and 1000-step DDPM on a subset beside the same
+subset at the fast settings.
+
+Run: python bench/learning.py [--budget-s 600] [--ablate] [--few-step] [--json FILE]
 """
 
 from __future__ import annotations
@@ -16,92 +25,68 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import ConcatDataset
 
-from medsegdiff_core.checkpoint import load_checkpoint
-from medsegdiff_core.config import InferenceConfig, load_config
-from medsegdiff_core.data.layouts import open_dataset
-from medsegdiff_core.data.synthetic import write_fundus_sites
-from medsegdiff_core.inference import evaluate_dataset
-from medsegdiff_core.metrics import segmentation_metrics, summarize
-from medsegdiff_core.training import fit, random_batches, seed_everything
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from arms import (  # noqa: E402
+    ItemSubset,
+    basic_unet,
+    dyn_unet,
+    header,
+    row,
+    score_diffusion,
+    score_unet,
+    train_supervised,
+)
+
+from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
+from medsegdiff_core.config import load_config  # noqa: E402
+from medsegdiff_core.data.layouts import open_dataset  # noqa: E402
+from medsegdiff_core.data.synthetic import write_fundus_sites  # noqa: E402
+from medsegdiff_core.training import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "cup"]
+# Training options measured against each other (config overrides); the first is the baseline.
+ABLATIONS = {
+    "paper loss": [],
+    "+ x0 Dice/BCE loss": ["diffusion.x0_loss_weight=1.0"],
+    "+ high-noise timesteps": ["diffusion.timestep_sampling=high_noise"],
+    "+ both": ["diffusion.x0_loss_weight=1.0", "diffusion.timestep_sampling=high_noise"],
+}
 
 
-def train_basic_unet(
-    train, in_channels: int, out_channels: int, budget_s: float, batch_size: int, seed: int
-):
-    """MONAI's BasicUNet with sigmoid outputs, Dice + BCE loss, AdamW, same time budget."""
-    from monai.losses import DiceCELoss
-    from monai.networks.nets import BasicUNet
-
-    seed_everything(seed)
-    net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels)
-    loss_fn = DiceCELoss(sigmoid=True)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    batches = random_batches(train, batch_size, seed=seed, device=torch.device("cpu"))
-    deadline, steps = time.monotonic() + budget_s, 0
-    net.train()
-    while time.monotonic() < deadline:
-        batch = next(batches)
-        loss = loss_fn(net(batch["image"]), batch["mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        steps += 1
-    return net.eval(), steps, sum(p.numel() for p in net.parameters())
-
-
-@torch.no_grad()
-def score_unet(net: nn.Module, dataset, class_names: list[str]) -> dict:
-    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-    targets = torch.stack([dataset[i]["mask"] for i in range(len(dataset))]).bool()
-    start = time.perf_counter()
-    pred = torch.sigmoid(net(images)) >= 0.5
-    seconds = time.perf_counter() - start
-    summary = summarize(segmentation_metrics(pred, targets, class_names=class_names))
-    return {"summary": summary, "seconds_per_image": seconds / len(dataset)}
-
-
-def score_diffusion(loaded, dataset, sampler: str, steps: int, ensemble: int) -> dict:
-    schedule = loaded.diffusion.noise_schedule()
-    cfg = InferenceConfig(
-        sampler=sampler, sampling_steps=steps, ensemble=ensemble, batch_size=12, seed=0
+def train_medsegdiff(args: argparse.Namespace, sites: list[Path], name: str, extra: list[str]):
+    config = load_config(
+        args.config,
+        [
+            f"data.train={[str(s / 'train') for s in sites]}",
+            "train.steps=1000000",
+            f"train.time_budget_s={args.budget_s}",
+            f"train.out_dir={args.out / name.replace(' ', '_').replace('/', '_')}",
+            "train.checkpoint_every=1000000",
+            *extra,
+        ],
     )
-    start = time.perf_counter()
-    _, summary = evaluate_dataset(
-        loaded.model, schedule, dataset, cfg, loaded.classes, device=torch.device("cpu")
-    )
-    seconds = time.perf_counter() - start
-    return {"summary": summary, "seconds_per_image": seconds / len(dataset)}
-
-
-def header(title: str, class_names: list[str]) -> str:
-    cells = " ".join(f"{name:>9}" for name in [*class_names, "mean"])
-    return f"{title:<44} {cells} {'s/image':>10}"
-
-
-def row(name: str, result: dict, class_names: list[str] = CLASSES) -> str:
-    per_class = result["summary"]["per_class"]
-    dice = [per_class[c]["dice"] for c in class_names]
-    cells = " ".join(f"{d:>9.4f}" for d in [*dice, sum(dice) / len(dice)])
-    return f"{name:<44} {cells} {result['seconds_per_image']:>10.2f}"
+    result = fit(config, progress=False, log=lambda _: None)
+    return config, load_checkpoint(result.checkpoint), result.steps / result.seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "fundus-small.yaml")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "bench-synthetic")
-    parser.add_argument("--budget-s", type=float, default=720.0, help="training wall time each")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="training wall time each")
+    parser.add_argument("--ablate", action="store_true", help="one MedSegDiff per ABLATIONS row")
+    parser.add_argument("--few-step", action="store_true", help="the few-step sampler table")
     parser.add_argument("--subset-per-site", type=int, default=4, help="held-out images for DDPM")
     parser.add_argument("--ddpm-steps", type=int, default=1000)
+    parser.add_argument("--fast-sampler", default="dpm++")
     parser.add_argument("--fast-steps", type=int, default=20)
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-learning")
@@ -111,87 +96,87 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     sites = write_fundus_sites(args.data, num_sites=3)
-    config = load_config(
-        args.config,
-        [
-            f"data.train={[str(s / 'train') for s in sites]}",
-            "train.steps=1000000",
-            f"train.time_budget_s={args.budget_s}",
-            f"train.out_dir={args.out}",
-            "train.checkpoint_every=1000000",
-        ],
-    )
-    size = config.unet_spec().image_size
+    base = load_config(args.config)
+    size, classes = base.unet_spec().image_size, base.data.classes
     print(
         f"bench/learning: torch {torch.__version__}, {args.threads} threads, {platform.processor()}"
     )
     print(
-        f"data: {args.data} (3 sites), model {config.model.preset} at {size} px, "
-        f"training budget {args.budget_s:.0f} s each"
+        f"data: {args.data} (3 sites), {size} px, training budget {args.budget_s:.0f} s per arm; "
+        f"fast sampler {args.fast_sampler} {args.fast_steps} x{args.ensemble}"
     )
-
-    result = fit(config, progress=False, log=print)
-    loaded = load_checkpoint(result.checkpoint)
-    print(f"MedSegDiff: {result.steps} steps in {result.seconds:.0f} s")
-
-    folders = [s / "test" for s in sites]
-    tests = [open_dataset(f, "generic", config.data.classes, size, in_channels=3) for f in folders]
+    tests = [open_dataset(s / "test", "generic", classes, size, in_channels=3) for s in sites]
     held_out = ConcatDataset(tests)
-    subset = ConcatDataset([Subset(t, range(min(args.subset_per_site, len(t)))) for t in tests])
+    subset = ConcatDataset(
+        [ItemSubset(t, list(range(min(args.subset_per_site, len(t))))) for t in tests]
+    )
     train = ConcatDataset(
         [
-            open_dataset(
-                s / "train", "generic", config.data.classes, size, in_channels=3, augment=True
-            )
+            open_dataset(s / "train", "generic", classes, size, in_channels=3, augment=True)
             for s in sites
         ]
     )
-    unet, unet_steps, unet_params = train_basic_unet(
-        train, 3, len(CLASSES), args.budget_s, config.train.batch_size, config.train.seed
-    )
-    print(
-        f"BasicUNet: {unet_steps} steps in {args.budget_s:.0f} s ({unet_params / 1e6:.2f} M params)"
-    )
-
     figures: dict[str, dict] = {}
     k, fast = args.ensemble, args.fast_steps
-    print("\n" + header("held-out Dice", CLASSES))
+    print("\n" + header(f"held-out ({len(held_out)} images)", CLASSES), flush=True)
 
-    def record(name: str, value: dict) -> None:
+    def record(name: str, value: dict, steps_per_s: float | None = None) -> None:
+        value["train_steps_per_s"] = steps_per_s
         figures[name] = value
-        print(row(name, value), flush=True)  # as soon as measured: the DDPM rows take long
+        print(row(name, value, CLASSES, steps_per_s), flush=True)  # the slow rows come last
 
+    models = {}
+    for name, extra in (ABLATIONS if args.ablate else {"MedSegDiff": []}).items():
+        _, loaded, rate = train_medsegdiff(args, sites, name, extra)
+        models[name] = loaded
+        label = f"{name} {args.fast_sampler} {fast} x{k}"
+        record(label, score_diffusion(loaded, held_out, args.fast_sampler, fast, k), rate)
+    seed, batch = base.train.seed, base.train.batch_size
+    unet = train_supervised(basic_unet(3, len(CLASSES)), train, args.budget_s, batch, seed)
+    record("BasicUNet sigmoid", score_unet(unet.net, held_out, classes), unet.steps_per_s)
+    dropout = basic_unet(3, len(CLASSES), dropout=0.1)
+    mc = train_supervised(dropout, train, args.budget_s, batch, seed)
     record(
-        f"fast dpm++ {fast} x{k} (all {len(held_out)})",
-        score_diffusion(loaded, held_out, "dpm++", fast, k),
+        f"BasicUNet MC dropout x{k}",
+        score_unet(mc.net, held_out, classes, mc_dropout=k),
+        mc.steps_per_s,
     )
+    dyn = train_supervised(dyn_unet(3, len(CLASSES), size), train, args.budget_s, batch, seed)
     record(
-        f"fast ddim {fast} x{k} (all {len(held_out)})",
-        score_diffusion(loaded, held_out, "ddim", fast, k),
+        "DynUNet (nnU-Net plan) sigmoid", score_unet(dyn.net, held_out, classes), dyn.steps_per_s
     )
-    record(f"BasicUNet (all {len(held_out)})", score_unet(unet, held_out, CLASSES))
-    record(
-        f"fast dpm++ {fast} x{k} (subset {len(subset)})",
-        score_diffusion(loaded, subset, "dpm++", fast, k),
-    )
-    record(f"BasicUNet (subset {len(subset)})", score_unet(unet, subset, CLASSES))
-    record(
-        f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})",
-        score_diffusion(loaded, subset, "ddpm", args.ddpm_steps, k),
-    )
-    ddpm = figures[f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})"]["summary"]
-    fast_sub = figures[f"fast dpm++ {fast} x{k} (subset {len(subset)})"]["summary"]
-    gap = [100 * (fast_sub["per_class"][c]["dice"] - ddpm["per_class"][c]["dice"]) for c in CLASSES]
-    print(f"fast - DDPM on the subset, Dice points: disc {gap[0]:+.2f}, cup {gap[1]:+.2f}")
+    first = next(iter(models.values()))
+    counts = {"MedSegDiff": sum(p.numel() for p in first.model.parameters())}
+    counts |= {"BasicUNet": unet.parameters, "DynUNet": dyn.parameters}
+    print("parameters: " + ", ".join(f"{n} {c / 1e6:.2f} M" for n, c in counts.items()))
+
+    if args.few_step:
+        loaded = first
+        print("\n" + header("few-step, same model, ensemble of " + str(k), CLASSES), flush=True)
+        # (sampler, steps, DDIM eta): eta 1 draws fresh noise at the second step, so the
+        # members of a 2-step ensemble differ by more than their starting noise.
+        settings = [("ddim", 1, 0.0), ("ddim", 2, 0.0), ("ddim", 2, 1.0), ("ddim", 4, 0.0)]
+        settings += [("ddim", 10, 0.0), ("dpm++", 20, 0.0)]
+        for sampler, steps, eta in settings:
+            label = f"{sampler} {steps}{f' eta {eta:g}' if eta else ''} x{k}"
+            record(f"{label} (all)", score_diffusion(loaded, held_out, sampler, steps, k, eta=eta))
+        for sampler, steps, eta in [("ddim", 1, 0.0), ("ddim", 2, 0.0), ("ddim", 2, 1.0)]:
+            label = f"{sampler} {steps}{f' eta {eta:g}' if eta else ''} x{k}"
+            record(
+                f"{label} (subset {len(subset)})",
+                score_diffusion(loaded, subset, sampler, steps, k, eta=eta),
+            )
+        record(
+            f"{args.fast_sampler} {fast} x{k} (subset {len(subset)})",
+            score_diffusion(loaded, subset, args.fast_sampler, fast, k),
+        )
+        record(
+            f"DDPM {args.ddpm_steps} x{k} (subset {len(subset)})",
+            score_diffusion(loaded, subset, "ddpm", args.ddpm_steps, k),
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "medsegdiff_steps": result.steps,
-            "basic_unet_steps": unet_steps,
-            "budget_s": args.budget_s,
-            "figures": figures,
-        }
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps({"budget_s": args.budget_s, "figures": figures}, indent=2))
 
 
 if __name__ == "__main__":

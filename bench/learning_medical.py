@@ -1,17 +1,18 @@
 """Does MedSegDiff learn from medical volumes? Synthetic BraTS-like MRI and real scans, on this CPU.
 
 Each task trains the `small` preset centrally within a wall-time budget on 2-D slices of volumes
-read through the product's own readers (NIfTI, NRRD), then scores held-out slices that carry a
-label with the fast sampler (20-step DPM-Solver++, ensemble of 5, STAPLE), beside MONAI's
-BasicUNet trained on the same slices for the same wall time:
+read through the product's own readers (NIfTI, NRRD), beside MONAI's BasicUNet and DynUNet
+(nnU-Net's plan) trained on the same slices for the same wall time; every arm is scored by the
+product's scorer (bench/arms.py) with its uncertainty figures and training steps per second:
 
   brats  the built-in BraTS-like generator (T1, T1ce, T2, FLAIR as 4 channels; WT/TC/ET as mask
-         channels), 16 training cases, 4 held-out cases (split by case);
+         channels), 16 training cases, 4 held-out cases (split by case), each held-out case
+         scored whole in 3-D, as ``medsegdiff evaluate`` scores it;
   real   the five real scans with hand-drawn lesions shipped in pyradiomics 3.0.1 (two brain MRI,
          one breast MRI, two chest CT; fetched into a cache, never committed). Five patients
          cannot be split by patient, so every third labelled slice is held out: the figure shows
          that the model fits real anatomy and intensities, not that it generalises to new
-         patients.
+         patients. Each held-out slice is scored as a 2-D case.
 
 Run: python bench/learning_medical.py [--task brats real] [--budget-s 300] [--json FILE]
 """
@@ -29,7 +30,16 @@ from torch.utils.data import Subset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning import header, row, score_diffusion, score_unet, train_basic_unet  # noqa: E402
+from arms import (  # noqa: E402
+    ItemSubset,
+    basic_unet,
+    dyn_unet,
+    header,
+    row,
+    score_diffusion,
+    score_unet,
+    train_supervised,
+)
 
 from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
 from medsegdiff_core.config import load_config  # noqa: E402
@@ -48,7 +58,7 @@ def brats_task(data: Path, size: int) -> tuple:
         write_brats_cases(test_root, 4, shape=(size, size, 24), seed=2, prefix="BraTS-TEST")
         (data / "brats" / ".complete").touch()
     train = open_dataset(train_root, "brats", None, size, skip_empty=True, augment=True)
-    test = open_dataset(test_root, "brats", None, size, skip_empty=True)
+    test = open_dataset(test_root, "brats", None, size)  # whole volumes, scored in 3-D
     return train, test, BRATS_CLASSES, 4, "brats"
 
 
@@ -60,7 +70,7 @@ def real_task(data: Path, size: int) -> tuple:
     )
     held_out = [i for i in range(len(test_all)) if i % 3 == 2]
     kept = [i for i in range(len(train_all)) if i % 3 != 2]
-    return Subset(train_all, kept), Subset(test_all, held_out), LESION, 1, "volumes"
+    return Subset(train_all, kept), ItemSubset(test_all, held_out), LESION, 1, "volumes"
 
 
 TASKS = {"brats": (brats_task, 64), "real": (real_task, 96)}
@@ -90,23 +100,32 @@ def run_task(name: str, args: argparse.Namespace) -> dict:
         flush=True,
     )
     result = fit(config, train_data=train, progress=False, log=lambda _: None)
-    unet, unet_steps, _ = train_basic_unet(
-        train, channels, len(names), args.budget_s, config.train.batch_size, config.train.seed
-    )
-    print(f"MedSegDiff {result.steps} steps, BasicUNet {unet_steps} steps", flush=True)
+    seed, batch = config.train.seed, config.train.batch_size
+    unets = {
+        "BasicUNet": train_supervised(
+            basic_unet(channels, len(names)), train, args.budget_s, batch, seed
+        ),
+        "DynUNet (nnU-Net plan)": train_supervised(
+            dyn_unet(channels, len(names), size), train, args.budget_s, batch, seed
+        ),
+    }
     loaded = load_checkpoint(result.checkpoint)
+    rates = {f"MedSegDiff dpm++ 20 x{args.ensemble}": result.steps / result.seconds}
     figures = {
         f"MedSegDiff dpm++ 20 x{args.ensemble}": score_diffusion(
             loaded, test, "dpm++", 20, args.ensemble
         ),
-        "BasicUNet": score_unet(unet, test, names),
     }
-    print(header(f"[{name}] held-out Dice", names))
+    for label, trained in unets.items():
+        figures[label] = score_unet(trained.net, test, classes)
+        rates[label] = trained.steps_per_s
+    print(header(f"[{name}] held-out", names))
     for label, value in figures.items():
-        print(row(label, value, names), flush=True)
+        value["train_steps_per_s"] = rates[label]
+        print(row(label, value, names, rates[label]), flush=True)
     return {
         "medsegdiff_steps": result.steps,
-        "basic_unet_steps": unet_steps,
+        "unet_steps": {label: t.steps for label, t in unets.items()},
         "train_slices": len(train),
         "test_slices": len(test),
         "image_size": size,

@@ -158,6 +158,12 @@ class InferenceConfig(_Section):
 
     sampler: Literal["ddpm", "ddim", "dpm++"] = "dpm++"
     sampling_steps: int = Field(20, ge=1)
+    eta: float = Field(
+        0.0,
+        ge=0,
+        description="sampler ddim: fresh noise per step (0: deterministic, members differ only "
+        "by their starting noise; 1: DDPM-like)",
+    )
     ensemble: int = Field(5, ge=1, description="samples fused per image")
     fusion: Literal["staple", "mean", "majority"] = "staple"
     uncertainty: Literal["entropy", "variance"] = "entropy"

@@ -45,6 +45,8 @@ def make_configured_sampler(schedule: NoiseSchedule, cfg: InferenceConfig, learn
     kwargs: dict[str, object] = {}
     if cfg.sampler == "ddpm" and learn_sigma:
         kwargs["variance"] = "learned_range"
+    if cfg.sampler == "ddim":
+        kwargs["eta"] = cfg.eta
     sampler = make_sampler(cfg.sampler, schedule, **kwargs)
     sampler.set_timesteps(cfg.sampling_steps)
     return sampler

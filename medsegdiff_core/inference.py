@@ -11,7 +11,7 @@ what federated evaluation, and so the model card, reports, so the card's Dice is
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,31 +51,42 @@ def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[dict[str, Any]]
         yield [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
 
 
-def segment_dataset(
+Segmenter = Callable[[torch.Tensor], Segmentation]
+"""Segments a batch of (B, C, S, S) images at the model's resolution. The diffusion ensemble is
+one (:func:`diffusion_segmenter`); a benchmark's deterministic UNet, wrapped the same way, is
+scored by exactly the same code."""
+
+
+def diffusion_segmenter(
     model: MedSegDiffUNet,
     schedule: NoiseSchedule,
-    dataset: Dataset,
     cfg: InferenceConfig,
     *,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
+) -> Segmenter:
+    """The configured ensemble of ``model``, its noise drawn from one generator seeded with
+    ``cfg.seed`` (the same folder in the same order gives the same members)."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = model.to(device)
+
+    def run(images: torch.Tensor) -> Segmentation:
+        return segment(
+            model, schedule, images.to(device), cfg, generator=generator, amp_dtype=amp_dtype
+        )
+
+    return run
+
+
+def segment_dataset(
+    segmenter: Segmenter, dataset: Dataset, batch_size: int, *, progress: bool = False
 ) -> Iterator[tuple[list[dict[str, Any]], Segmentation]]:
-    """Yield (cases, segmentation) per batch of ``cfg.batch_size`` images (seed ``cfg.seed``)."""
+    """Yield (cases, segmentation) per batch of ``batch_size`` images, in dataset order."""
     from tqdm.auto import tqdm
 
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     bar = tqdm(total=len(dataset), desc="segment", unit="img", disable=not progress)
-    for items in _batches(dataset, cfg.batch_size):
-        images = torch.stack([it["image"] for it in items]).to(device)
-        result = segment(
-            model,
-            schedule,
-            images,
-            cfg,
-            generator=generator,
-            amp_dtype=amp_dtype,
-        )
+    for items in _batches(dataset, batch_size):
+        result = segmenter(torch.stack([it["image"] for it in items]))
         bar.update(len(items))
         yield items, result
     bar.close()
@@ -92,15 +103,38 @@ def evaluate_dataset(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Dice/IoU/HD95 of the fused ensemble per case, as ``medsegdiff evaluate`` scores them
-    (see the module docstring): (per-case rows, summary).
+    """Dice/IoU/HD95 and the uncertainty figures of the fused ensemble per case, as
+    ``medsegdiff evaluate`` scores them (see the module docstring): (per-case rows, summary).
 
     ``dataset`` is a layout's dataset (:func:`~.data.layouts.open_dataset`) or a
     ``ConcatDataset`` of them (each part is sampled from ``cfg.seed``, as if run on its own)."""
+    return score_dataset(
+        lambda: diffusion_segmenter(model, schedule, cfg, device=device, amp_dtype=amp_dtype),
+        dataset,
+        classes,
+        batch_size=cfg.batch_size,
+        threshold=cfg.threshold,
+        progress=progress,
+    )
+
+
+def score_dataset(
+    make_segmenter: Callable[[], Segmenter],
+    dataset: Dataset,
+    classes: dict[str, list[int]],
+    *,
+    batch_size: int,
+    threshold: float,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score any segmenter as :func:`evaluate_dataset` scores the ensemble: (rows, summary).
+
+    ``make_segmenter`` is called once per part of a ``ConcatDataset`` (a fresh generator each)."""
     writers = []
     for part in getattr(dataset, "datasets", [dataset]):
         writer = _writer(part, classes, outputs=None)
-        _segment_into(writer, model, schedule, part, cfg, classes, device, amp_dtype, progress)
+        segmented = segment_dataset(make_segmenter(), part, batch_size, progress=progress)
+        _score_into(writer, segmented, threshold, classes)
         writers.append(writer)
     if not any(w.scores for w in writers):
         raise ValueError("evaluate_dataset: no case has a mask to score")
@@ -135,35 +169,22 @@ def _writer(
     return kind(dataset, classes, outputs)
 
 
-def _segment_into(
+def _score_into(
     writer: _PlanarWriter | _VolumeWriter,
-    model: MedSegDiffUNet,
-    schedule: NoiseSchedule,
-    dataset: Dataset,
-    cfg: InferenceConfig,
+    segmented_batches: Iterator[tuple[list[dict[str, Any]], Segmentation]],
+    threshold: float,
     classes: dict[str, list[int]],
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    progress: bool,
 ) -> None:
-    """Segment every item and hand it to ``writer`` at the input's own resolution."""
+    """Hand every segmented item to ``writer`` at the input's own resolution."""
     segmented = 0
-    for items, result in segment_dataset(
-        model.to(device),
-        schedule,
-        dataset,
-        cfg,
-        device=device,
-        amp_dtype=amp_dtype,
-        progress=progress,
-    ):
+    for items, result in segmented_batches:
         for offset, item in enumerate(items):
             size = tuple(item["original_size"])
             # Full-size (M, H, W) float32 maps are dropped as soon as they are reduced to what
             # is written and scored (a large image's maps are GBs each); an image without a mask
             # holds one at a time.
             probability = resize_probability(result.probability[offset].cpu().numpy(), size)
-            labels = channels_to_labels(probability >= cfg.threshold, classes)
+            labels = channels_to_labels(probability >= threshold, classes)
             scored = writer.has_target(segmented)
             if not scored:
                 del probability
@@ -172,7 +193,7 @@ def _segment_into(
                 full = resize_probability(result.uncertainty[offset].cpu().numpy(), size)
                 uncertainty = full.max(0)
                 if scored:
-                    votes = (result.members[offset] >= cfg.threshold).cpu().numpy()
+                    votes = (result.members[offset] >= threshold).cpu().numpy()
                     evidence = _Evidence(probability, full, votes)
                 del full
             writer.add(segmented, labels, uncertainty, evidence)
@@ -230,17 +251,11 @@ def predict_folder(
     metrics = [out_dir / "metrics.json", out_dir / "metrics.txt"] if scored else []
     for path in [*writer.planned(), *metrics]:
         outputs.claim(path)  # a file in the way stops the run before any sampling, not midway
-    _segment_into(
-        writer,
-        loaded.model,
-        loaded.diffusion.noise_schedule(),
-        dataset,
-        cfg,
-        loaded.classes,
-        device,
-        amp_dtype,
-        progress,
+    segmenter = diffusion_segmenter(
+        loaded.model, loaded.diffusion.noise_schedule(), cfg, device=device, amp_dtype=amp_dtype
     )
+    segmented = segment_dataset(segmenter, dataset, cfg.batch_size, progress=progress)
+    _score_into(writer, segmented, cfg.threshold, loaded.classes)
     rows: list[dict[str, Any]] = []
     summary = None
     if writer.scores:

@@ -47,26 +47,30 @@ from .secure_aggregation import parameters
 
 # Settings that may change between a crash and the restart without changing the run.
 _RESUMABLE_FIELDS = {"federation": {"rounds", "round_timeout_s"}}
-# Federation settings added with secure aggregation: left out of the digest while they are at
+# Settings added after runs began to be digested: left out of the digest while they are at
 # their defaults, so that runs begun before they existed still resume.
-_SECURE_AGGREGATION_FIELDS = {
-    "max_weight",
-    "secure_aggregation",
-    "num_shares",
-    "reconstruction_threshold",
-    "update_clip_norm",
-    "quantization_clip",
-    "quantization_range",
+_ADDED_FIELDS = {
+    "federation": {
+        "max_weight",
+        "secure_aggregation",
+        "num_shares",
+        "reconstruction_threshold",
+        "update_clip_norm",
+        "quantization_clip",
+        "quantization_range",
+    },
+    "inference": {"eta"},
 }
 
 
 def config_digest(config: ExperimentConfig) -> str:
     """sha256 of everything in the config that determines the trained weights."""
     data = config.model_dump(mode="json", exclude=_RESUMABLE_FIELDS)
-    defaults = type(config.federation)().model_dump(mode="json")
-    for key in _SECURE_AGGREGATION_FIELDS:
-        if data["federation"].get(key) == defaults[key]:
-            data["federation"].pop(key, None)
+    for section, keys in _ADDED_FIELDS.items():
+        defaults = type(getattr(config, section))().model_dump(mode="json")
+        for key in keys:
+            if data[section].get(key) == defaults[key]:
+                data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -19,7 +19,7 @@ from medsegdiff_core.config import load_config
 from medsegdiff_core.errors import CheckpointError
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.training import make_optimizer
-from server.run_store import RunState, RunStore
+from server.run_store import RunState, RunStore, config_digest
 from server.server_momentum import ServerMomentum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +147,24 @@ def test_run_store_keeps_run_uid_and_momentum_across_restarts(tmp_path: Path) ->
         "momentum-0004.safetensors",
     ]
     assert RunStore(tmp_path / "new", config).load()[0].uid != state.uid
+
+
+def test_settings_added_later_do_not_change_the_digest_of_older_runs() -> None:
+    """A run begun before ``inference.eta`` and the secure-aggregation keys existed resumes:
+    at their defaults they are not part of the digest; set, they are."""
+    import hashlib
+    import json
+
+    config = load_config(ROOT / "configs" / "federated-tiny.yaml")
+    older = config.model_dump(mode="json", exclude={"federation": {"rounds", "round_timeout_s"}})
+    del older["inference"]["eta"]
+    for key in ("max_weight", "secure_aggregation", "num_shares", "reconstruction_threshold"):
+        del older["federation"][key]
+    for key in ("update_clip_norm", "quantization_clip", "quantization_range"):
+        del older["federation"][key]
+    expected = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()
+    assert config_digest(config) == expected
+    changed = config.model_copy(
+        update={"inference": config.inference.model_copy(update={"eta": 1.0})}
+    )
+    assert config_digest(changed) != expected
