@@ -33,6 +33,7 @@ from .data import (
     write_uncertainty,
 )
 from .data.volumes import read_label_volume
+from .data.writers import Provenance, dicom_seg_path
 from .diffusion import NoiseSchedule
 from .ensemble import Segmentation, segment
 from .metrics import CaseMetrics, case_rows, format_table, segmentation_metrics, summarize
@@ -202,6 +203,15 @@ def _score_into(
     writer.close()
 
 
+def provenance(loaded: LoadedModel) -> Provenance:
+    """The model as outputs name it: its release (name, version), or the checkpoint's name."""
+    release = loaded.metadata.get("release") or {}
+    if release.get("name"):
+        return Provenance(loaded.classes, str(release["name"]), release.get("version", "?"))
+    name = loaded.path.stem if loaded.path is not None else "checkpoint"
+    return Provenance(loaded.classes, name, "unreleased")
+
+
 @dataclass
 class PredictionReport:
     """What ``predict_folder`` wrote; ``summary`` is None when the folder has no masks."""
@@ -232,7 +242,8 @@ def predict_folder(
     ``overlays/<name>.png`` (the image with the labels drawn); metrics per image.
     Volume layouts, per case on the image's grid (same shape, affine and header; NRRD stays NRRD,
     NIfTI and DICOM series give NIfTI): ``masks/<case>`` (label volume) and
-    ``uncertainty/<case>`` (float32); metrics per case in 3-D, in millimetres.
+    ``uncertainty/<case>`` (float32), and for a DICOM series also ``dicom-seg/<case>.dcm``, a
+    DICOM Segmentation referencing it; metrics per case in 3-D, in millimetres.
     """
     from .data.layouts import open_dataset
 
@@ -247,6 +258,7 @@ def predict_folder(
         lazy=True,  # a volume folder is segmented case by case in bounded memory
     )
     writer = _writer(dataset, loaded.classes, outputs)
+    writer.provenance = provenance(loaded)
     scored = any(case.mask_path is not None for case in dataset.cases)
     metrics = [out_dir / "metrics.json", out_dir / "metrics.txt"] if scored else []
     for path in [*writer.planned(), *metrics]:
@@ -341,6 +353,7 @@ class _PlanarWriter(_Scores):
         super().__init__(classes)
         self.dataset, self.classes, self.outputs = dataset, classes, outputs
         self.cases = 0
+        self.provenance: Provenance | None = None  # no 2-D output names the model yet
 
     def _paths(self, name: str) -> list[Path]:
         if self.outputs is None:
@@ -400,12 +413,17 @@ class _VolumeWriter(_Scores):
         self._uncertainty: dict[int, np.ndarray] = {}
         self._target: np.ndarray | None = None  # the held case's label volume, if it has one
         self._evidence = _CaseEvidence(classes)
+        self.provenance: Provenance | None = None  # set: DICOM series also get a DICOM-SEG
 
     def _paths(self, case: str) -> list[Path]:
         if self.outputs is None:
             return []
         name = self.dataset.output_name(case)
-        return [self.outputs.out_dir / kind / name for kind in ("masks", "uncertainty")]
+        out_dir = self.outputs.out_dir
+        paths = [out_dir / kind / name for kind in ("masks", "uncertainty")]
+        if self.provenance is not None and self.dataset.is_dicom(case):
+            paths.append(dicom_seg_path(out_dir, case))
+        return paths
 
     def planned(self) -> list[Path]:
         """Every file this writer will write."""
@@ -447,7 +465,9 @@ class _VolumeWriter(_Scores):
             for path in self._paths(case.name):
                 self.outputs.claim(path)
             out_dir = self.outputs.out_dir
-            self.dataset.write_prediction(out_dir, case.name, self._labels, self._uncertainty)
+            self.dataset.write_prediction(
+                out_dir, case.name, self._labels, self._uncertainty, self.provenance
+            )
         if self._target is not None:
             reference = self.dataset.reference(case.name)
             labels = self.dataset.assemble(case.name, self._labels)

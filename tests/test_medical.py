@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -107,7 +108,7 @@ def _write_dicom_series(
     rows, cols = stored.shape[1], stored.shape[0]
     row_dir, col_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
     normal = np.cross(row_dir, col_dir)
-    series, study = generate_uid(), generate_uid()
+    series, study, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     order = np.random.default_rng(seed).permutation(stored.shape[2])
     paths = []
     for k in range(stored.shape[2]):
@@ -121,6 +122,13 @@ def _write_dicom_series(
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
         ds.Modality = "CT"
+        # What a PACS series carries and a DICOM-SEG of it copies: patient, study, frame of
+        # reference.
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Doe^J", "P1", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID = "20260101", "120000", "1"
+        ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference, ""
+        ds.SeriesNumber = 3
         ds.Rows, ds.Columns = rows, cols
         ds.PixelSpacing = [float(v) for v in pixel_spacing]
         ds.ImageOrientationPatient = [float(v) for v in orientation]
@@ -838,6 +846,16 @@ def test_evaluate_volumes_writes_nifti_on_the_input_grid_and_3d_metrics(tmp_path
         assert set(np.unique(nib.load(str(out / "masks" / f"{name}.nii.gz")).dataobj)) <= {0, 1}
     dicom_out = read_label_volume(out / "masks" / "ct1.nii.gz", reference=reference)
     assert dicom_out.shape == stored.shape  # DICOM series in -> NIfTI on the series' grid
+    # ... and a DICOM-SEG referencing the series, holding the same labels (tests/test_dicom.py
+    # checks the object itself in depth, and runs a DICOM validator on it).
+    seg = hd.seg.segread(out / "dicom-seg" / "ct1.dcm")
+    source = pydicom.dcmread(next((site / "images" / "ct1").iterdir()))
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "FedMedSegDiff"
+    assert algorithm.AlgorithmVersion == "model (unreleased)"  # a checkpoint, not a release
+    assert not (out / "dicom-seg" / "a.dcm").exists()  # NIfTI inputs get no DICOM-SEG
     metrics = json.loads((out / "metrics.json").read_text())
     assert [row["case"] for row in metrics["cases"]] == ["a", "b", "ct1"]  # per case, in 3-D
     assert metrics["summary"]["num_cases"] == 3

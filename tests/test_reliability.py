@@ -30,7 +30,8 @@ def test_pooled_auroc_and_ece_match_monai_on_all_pixels_at_once() -> None:
         part = PixelReliability(2)
         part.add(*case)
         pooled.merge(part)
-    probability, uncertainty, predicted, truth = (np.concatenate(x, axis=1) for x in zip(*cases))
+    columns = zip(*cases, strict=True)
+    probability, uncertainty, predicted, truth = (np.concatenate(x, axis=1) for x in columns)
     wrong = predicted != truth
     for j in range(2):
         expected = compute_roc_auc(

@@ -148,7 +148,9 @@ def write_dicom_seg(
     )
     pixel_array = np.ascontiguousarray(np.transpose(frames, (2, 1, 0, 3))).astype(np.uint8)
 
-    version = f"{release_name} v{release_version}"
+    # "fundus v3" for a release; "model (unreleased)" for a plain checkpoint
+    numbered = str(release_version).isdigit()
+    version = f"{release_name} {'v' if numbered else '('}{release_version}{'' if numbered else ')'}"
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME,
         family=codes.cid7162.ArtificialIntelligence,

@@ -61,7 +61,7 @@ from .volumes import (
     volume_format,
     volume_stem,
 )
-from .writers import assemble_slices, volume_output_name, write_volume_prediction
+from .writers import Provenance, assemble_slices, volume_output_name, write_volume_prediction
 
 __all__ = [
     "LAYOUTS",
@@ -834,15 +834,21 @@ class SliceDataset(SegmentationDataset):
         case: str,
         labels: Mapping[int, np.ndarray],
         uncertainty: Mapping[int, np.ndarray] | None = None,
+        provenance: Provenance | None = None,
     ) -> list[Path]:
         """Write a case's prediction on its image grid
-        (:func:`~.writers.write_volume_prediction`): ``out_dir/masks/<case>.<ext>`` and, with
-        ``uncertainty``, ``out_dir/uncertainty/<case>.<ext>``; labels and uncertainty map slice
-        index -> (H, W) at the slice's ``original_size``. Returns the written paths."""
+        (:func:`~.writers.write_volume_prediction`): ``out_dir/masks/<case>.<ext>``, with
+        ``uncertainty`` ``out_dir/uncertainty/<case>.<ext>``, and for a DICOM series with
+        ``provenance`` ``out_dir/dicom-seg/<case>.dcm``; labels and uncertainty map slice index
+        -> (H, W) at the slice's ``original_size``. Returns the written paths."""
         entry = self.volume_cases[case]
         return write_volume_prediction(
-            out_dir, case, entry.reference, entry.axis, labels, uncertainty
+            out_dir, case, entry.reference, entry.axis, labels, uncertainty, provenance
         )
+
+    def is_dicom(self, case: str) -> bool:
+        """Whether the case's image is a DICOM series (its prediction also gets a DICOM-SEG)."""
+        return self.volume_cases[case].reference.format == "dicom"
 
     def target_labels(self, index: int) -> np.ndarray | None:
         """The item's (H, W) label slice at its original size, or None without a mask."""

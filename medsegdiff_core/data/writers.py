@@ -10,6 +10,7 @@ people) as PNGs, and put a volume case's slices back together on its image's gri
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from .volumes import Volume, write_label_volume, write_volume
 __all__ = [
     "OVERLAY_COLOURS",
     "OutputFolder",
+    "Provenance",
     "assemble_slices",
+    "dicom_seg_path",
     "resize_label_map",
     "resize_probability",
     "volume_output_name",
@@ -288,6 +291,20 @@ def assemble_slices(
     return volume
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What made a prediction, for outputs that name it (DICOM-SEG's algorithm identification)."""
+
+    classes: Mapping[str, Sequence[int]]
+    release_name: str
+    release_version: int | str
+
+
+def dicom_seg_path(out_dir: Path, case: str) -> Path:
+    """Where a DICOM series' prediction goes as a DICOM Segmentation object."""
+    return Path(out_dir) / "dicom-seg" / f"{case}.dcm"
+
+
 def write_volume_prediction(
     out_dir: Path,
     case: str,
@@ -295,9 +312,12 @@ def write_volume_prediction(
     axis: int,
     labels: Mapping[int, np.ndarray],
     uncertainty: Mapping[int, np.ndarray] | None = None,
+    provenance: Provenance | None = None,
 ) -> list[Path]:
     """Write ``out_dir/masks/<case>.<ext>`` (uint8 labels) and, if given,
-    ``out_dir/uncertainty/<case>.<ext>`` (float32 in [0, 1]) on the grid of ``reference``.
+    ``out_dir/uncertainty/<case>.<ext>`` (float32 in [0, 1]) on the grid of ``reference``; for a
+    DICOM series with ``provenance``, also ``out_dir/dicom-seg/<case>.dcm``, a DICOM
+    Segmentation of the same labels referencing the series (:mod:`.dicom_seg`).
 
     Args:
         out_dir: Output folder.
@@ -306,6 +326,7 @@ def write_volume_prediction(
         axis: The axial axis the slices were cut along.
         labels: Slice index -> (H, W) label map at the slice's original size.
         uncertainty: Slice index -> (H, W) uncertainty, same sizes.
+        provenance: Classes and release for the DICOM-SEG (None: no DICOM-SEG).
 
     Returns:
         The written paths.
@@ -313,6 +334,18 @@ def write_volume_prediction(
     name = volume_output_name(case, reference)
     label_volume = assemble_slices(case, reference.shape, axis, labels)
     paths = [write_label_volume(Path(out_dir) / "masks" / name, label_volume, reference)]
+    if provenance is not None and reference.format == "dicom":
+        from .dicom_seg import write_dicom_seg
+
+        path = write_dicom_seg(
+            dicom_seg_path(out_dir, case),
+            label_volume,
+            reference.path,
+            provenance.classes,
+            release_name=provenance.release_name,
+            release_version=provenance.release_version,
+        )
+        paths.append(path)
     if uncertainty is not None:
         volume = assemble_slices(case, reference.shape, axis, uncertainty, dtype=np.float32)
         paths.append(write_volume(Path(out_dir) / "uncertainty" / name, volume, reference))
