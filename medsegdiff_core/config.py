@@ -156,8 +156,10 @@ class TrainConfig(_Section):
 class InferenceConfig(_Section):
     """Ensemble sampling and fusion."""
 
-    sampler: Literal["ddpm", "ddim", "dpm++"] = "dpm++"
-    sampling_steps: int = Field(20, ge=1)
+    # Measured (README, few-step ensembles): 2 DDIM steps score the same Dice as 1000-step DDPM
+    # at 1/500 of the network evaluations; the case-level uncertainty ranking needs ~20 steps.
+    sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim"
+    sampling_steps: int = Field(2, ge=1, description="network evaluations per member")
     eta: float = Field(
         0.0,
         ge=0,

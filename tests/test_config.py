@@ -18,6 +18,20 @@ def test_shipped_configs_are_valid(name: str) -> None:
     assert config.unet_spec().mask_channels == len(config.data.classes)
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_use_the_measured_defaults(name: str) -> None:
+    """The settings the README measured are config.py's own defaults, not only the files'."""
+    config, defaults = load_config(ROOT / "configs" / name), parse_config({})
+    for section, key in [
+        ("diffusion", "prediction"),
+        ("inference", "sampler"),
+        ("inference", "sampling_steps"),
+        ("inference", "eta"),
+    ]:
+        value = getattr(getattr(config, section), key)
+        assert value == getattr(getattr(defaults, section), key), (section, key, value)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
