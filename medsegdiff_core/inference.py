@@ -259,6 +259,7 @@ def predict_folder(
     )
     writer = _writer(dataset, loaded.classes, outputs)
     writer.provenance = provenance(loaded)
+    writer.uncertainty_kind = cfg.uncertainty
     scored = any(case.mask_path is not None for case in dataset.cases)
     metrics = [out_dir / "metrics.json", out_dir / "metrics.txt"] if scored else []
     for path in [*writer.planned(), *metrics]:
@@ -333,6 +334,7 @@ class _Scores:
         self.scored: list[str] = []
         self.reliability: list[CaseReliability] = []
         self.pooled = PixelReliability(len(classes))
+        self.uncertainty_kind = "entropy"  # what the uncertainty maps hold (their colour bar)
 
     def keep(self, name: str, metrics: CaseMetrics, evidence: _CaseEvidence) -> None:
         self.scores.append(metrics)
@@ -380,9 +382,10 @@ class _PlanarWriter(_Scores):
             paths = map(self.outputs.claim, self._paths(case.name))
             mask_path, uncertainty_path, overlay_path = paths
             write_label_map(mask_path, labels)
-            write_uncertainty(uncertainty_path, uncertainty)
+            write_uncertainty(uncertainty_path, uncertainty, kind=self.uncertainty_kind)
             # uint8 as on disk: the overlay needs no float copy of the image.
-            write_overlay(overlay_path, read_display_image(case.image_path), labels)
+            shown = read_display_image(case.image_path)
+            write_overlay(overlay_path, shown, labels, classes=self.classes)
         target = self.dataset.target_labels(index)
         if target is not None:
             source = str(case.mask_path)

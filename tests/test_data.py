@@ -516,17 +516,27 @@ def test_label_map_written_at_original_resolution(tmp_path: Path) -> None:
 def test_uncertainty_and_overlay(tmp_path: Path) -> None:
     unc = np.linspace(0, 1, 40 * 30).reshape(40, 30)
     path = write_uncertainty(tmp_path / "u" / "case.png", unc)
-    grey = np.asarray(Image.open(path))
-    assert grey.shape == (40, 30) and grey.min() == 0 and grey.max() == 255
+    page = np.asarray(Image.open(path))
+    assert page.ndim == 3 and page.shape[0] > 40 and page.shape[1] >= 30  # map + colour bar
+    mapped = page[:40, :30].reshape(-1, 3)
+    lut = _viridis()
+    assert np.array_equal(mapped[0], lut[0]) and np.array_equal(mapped[-1], lut[-1])
+    assert np.array_equal(mapped, lut[np.rint(unc.reshape(-1) * 255).astype(int)])
 
     image, labels = make_fundus_case(np.random.default_rng(2), default_site_styles(1)[0], 48)
     as_float = image.transpose(2, 0, 1) / 255.0
     for picture in (image, as_float, as_float[1:2]):  # uint8 RGB, float RGB, float grey
         out = Image.open(write_overlay(tmp_path / "o" / "case.png", picture, labels))
-        assert out.mode == "RGB" and out.size == (48, 48)
-        pixels = np.asarray(out)
+        assert out.mode == "RGB" and out.width >= 48 and out.height > 48  # picture + legend
+        pixels = np.asarray(out)[:48, :48]
         assert np.array_equal(pixels[labels == 0], _as_uint8_rgb(picture)[labels == 0])
         assert not np.array_equal(pixels[labels == 2], _as_uint8_rgb(picture)[labels == 2])
+
+
+def _viridis() -> np.ndarray:
+    from matplotlib import colormaps
+
+    return np.rint(colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def _as_uint8_rgb(picture: np.ndarray) -> np.ndarray:
@@ -575,7 +585,7 @@ def test_large_image_paths_use_uint8_and_float32_not_float64(tmp_path: Path) -> 
     from_uint8 = np.asarray(Image.open(write_overlay(tmp_path / "u8.png", shown, labels)))
     from_float = np.asarray(Image.open(write_overlay(tmp_path / "f32.png", image, labels)))
     assert np.array_equal(from_uint8, from_float)
-    assert np.array_equal(from_uint8[labels == 0], rgb[labels == 0])
+    assert np.array_equal(from_uint8[:size, :size][labels == 0], rgb[labels == 0])
 
 
 def test_channels_to_labels_lookup_matches_per_pixel_distances() -> None:

@@ -9,6 +9,8 @@ people) as PNGs, and put a volume case's slices back together on its image's gri
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +18,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import DataError
 from .volumes import Volume, write_label_volume, write_volume
 
 __all__ = [
     "OVERLAY_COLOURS",
+    "UNCERTAINTY_COLOUR_MAP",
     "OutputFolder",
     "Provenance",
+    "UncertaintyScale",
     "assemble_slices",
     "dicom_seg_path",
+    "label_colour",
+    "label_names",
+    "uncertainty_rgb",
+    "uncertainty_scale",
     "resize_label_map",
     "resize_probability",
     "volume_output_name",
@@ -163,16 +171,155 @@ def write_label_map(path: Path, labels: np.ndarray) -> Path:
     return _save(path, labels.astype(np.uint8))
 
 
-def write_uncertainty(path: Path, unc: np.ndarray) -> Path:
-    """Write an (H, W) uncertainty map in [0, 1] as a grey PNG (255 = most uncertain)."""
+UNCERTAINTY_COLOUR_MAP = "viridis"
+"""Matplotlib colour map of uncertainty PNGs and of the report: perceptually uniform and
+readable by colour-blind readers and in grey print; dark purple = certain, yellow = most
+uncertain."""
+
+_PAPER = (255, 255, 255)  # background of legends and colour bars
+_INK = (20, 20, 20)  # their text
+
+
+@dataclass(frozen=True)
+class UncertaintyScale:
+    """What an uncertainty map's values mean: the value drawn in the colour map's last colour,
+    the unit, and the lines that explain it under the colour bar."""
+
+    top: float
+    unit: str
+    caption: tuple[str, ...]
+
+
+_UNCERTAINTY_SCALES = {
+    "entropy": UncertaintyScale(
+        1.0,
+        "bit",
+        (
+            "Uncertainty in bits: binary entropy of the ensemble's mean probability, "
+            "largest over classes.",
+            "0 = all members sure of the same answer; 1 = mean probability 0.5 "
+            "(members split, or all unsure).",
+        ),
+    ),
+    "variance": UncertaintyScale(
+        0.25,
+        "",
+        (
+            "Uncertainty: variance of the ensemble members' probabilities, largest over classes.",
+            "0 = every member gives the same value; 0.25 = half the members sure yes, "
+            "half sure no.",
+        ),
+    ),
+}
+
+
+def uncertainty_scale(kind: str) -> UncertaintyScale:
+    """The scale of an ``inference.uncertainty`` kind (``"entropy"`` or ``"variance"``)."""
+    if kind not in _UNCERTAINTY_SCALES:
+        raise ValueError(f"unknown uncertainty kind {kind!r}; expected one of entropy, variance")
+    return _UNCERTAINTY_SCALES[kind]
+
+
+@functools.cache
+def _colour_lut() -> np.ndarray:
+    """(256, 3) uint8 RGB of :data:`UNCERTAINTY_COLOUR_MAP`, from 0 to its top."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[UNCERTAINTY_COLOUR_MAP](np.linspace(0.0, 1.0, 256))
+    return np.rint(rgba[:, :3] * 255).astype(np.uint8)
+
+
+def uncertainty_rgb(
+    unc: np.ndarray, kind: str = "entropy", *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W) uncertainty -> (H, W, 3) uint8 in :data:`UNCERTAINTY_COLOUR_MAP`: 0 is its first
+    colour and the scale's top (1 bit of entropy, variance 0.25) its last; NaN counts as the top.
+    Done in bands of rows (a few MB of floats, whatever the image size); ``out`` receives it."""
     unc = np.asarray(unc)
     if unc.ndim != 2:
         raise ValueError(f"uncertainty must be (H, W), got shape {unc.shape}")
-    # float32 and in place: the map is as large as the image (64 M pixels for 8000 x 8000).
-    grey = np.nan_to_num(unc.astype(np.float32), nan=1.0, copy=False)
-    np.clip(grey, 0.0, 1.0, out=grey)
-    grey *= 255.0
-    return _save(path, np.rint(grey, out=grey).astype(np.uint8))
+    top, lut = uncertainty_scale(kind).top, _colour_lut()
+    if out is None:
+        out = np.empty((*unc.shape, 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, unc.shape[1]))
+    for start in range(0, unc.shape[0], rows):
+        band = np.nan_to_num(unc[start : start + rows].astype(np.float32), nan=top, copy=False)
+        band *= np.float32(255.0 / top)
+        np.clip(band, 0.0, 255.0, out=band)
+        out[start : start + rows] = lut[np.rint(band, out=band).astype(np.uint8)]
+    return out
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)  # Pillow's own scalable font: no system fonts
+
+
+def _font_size(width: int) -> int:
+    """Text size for a strip under an image ``width`` pixels wide: readable when the image is
+    shown whole on a screen (an 8000-pixel photo gets large text, a thumbnail 12 px)."""
+    return int(np.clip(round(width / 40), 12, 120))
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: float) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _colour_bar(width: int, kind: str) -> Image.Image:
+    """A strip with a horizontal colour bar, its ticks in the scale's unit, and what the values
+    mean; at least ``width`` pixels wide."""
+    scale = uncertainty_scale(kind)
+    size = _font_size(width)
+    font, pad = _font(size), max(3, size // 2)
+    strip_width = max(width, 22 * size)
+    bar_width = strip_width - 2 * pad
+    lines = [line for text in scale.caption for line in _wrap(text, font, bar_width)]
+    line_height = round(size * 1.3)
+    height = pad + size + pad // 2 + line_height + len(lines) * line_height + pad
+    strip = Image.new("RGB", (strip_width, height), _PAPER)
+    lut = _colour_lut()
+    gradient = lut[np.linspace(0, 255, bar_width).round().astype(np.intp)]
+    strip.paste(Image.fromarray(np.repeat(gradient[None], size, axis=0)), (pad, pad))
+    draw = ImageDraw.Draw(strip)
+    draw.rectangle([pad - 1, pad - 1, pad + bar_width, pad + size], outline=_INK)
+    tick_top = pad + size
+    for fraction, anchor in ((0.0, "la"), (0.5, "ma"), (1.0, "ra")):
+        x = pad + round(fraction * (bar_width - 1))
+        draw.line([x, tick_top, x, tick_top + pad // 2], fill=_INK)
+        label = f"{fraction * scale.top:g}" + (f" {scale.unit}" if fraction == 1.0 else "")
+        draw.text((x, tick_top + pad // 2), label.strip(), fill=_INK, font=font, anchor=anchor)
+    y = tick_top + pad // 2 + line_height
+    for line in lines:
+        draw.text((pad, y), line, fill=_INK, font=font)
+        y += line_height
+    return strip
+
+
+def _canvas(shape: tuple[int, ...], strip: Image.Image) -> np.ndarray:
+    """A uint8 RGB page: room for an (H, W) picture at the top left and ``strip`` under it."""
+    height, width = shape[:2]
+    canvas = np.empty((height + strip.height, max(width, strip.width), 3), np.uint8)
+    canvas[:height, width:] = _PAPER
+    canvas[height:] = _PAPER
+    canvas[height:, : strip.width] = np.asarray(strip)
+    return canvas
+
+
+def write_uncertainty(path: Path, unc: np.ndarray, *, kind: str = "entropy") -> Path:
+    """Write an (H, W) uncertainty map as an RGB PNG for people: the map in
+    :data:`UNCERTAINTY_COLOUR_MAP` at its own size at the top left (0 = the colour map's first
+    colour), and under it a colour bar in the unit of ``kind`` with what the values mean."""
+    unc = np.asarray(unc)
+    if unc.ndim != 2:
+        raise ValueError(f"uncertainty must be (H, W), got shape {unc.shape}")
+    canvas = _canvas(unc.shape, _colour_bar(unc.shape[1], kind))
+    uncertainty_rgb(unc, kind, out=canvas[: unc.shape[0], : unc.shape[1]])
+    return _save(path, canvas)
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -212,10 +359,57 @@ def _contours(labels: np.ndarray) -> np.ndarray:
     return edge & (labels != 0)
 
 
+def label_colour(value: int) -> tuple[int, int, int]:
+    """RGB of label value ``value`` (>= 1) in overlays, their legends and the report."""
+    return OVERLAY_COLOURS[(int(value) - 1) % len(OVERLAY_COLOURS)]
+
+
+def label_names(classes: Mapping[str, Sequence[int]]) -> dict[int, str]:
+    """Label value -> the name shown for it: the most specific class holding it (fundus: 1 =
+    disc, 2 = cup; BraTS: 1 = tc, 2 = wt, 4 = et); classes equally specific are joined by /."""
+    names = {}
+    for value in sorted({int(v) for values in classes.values() for v in values}):
+        holders = [(len(values), name) for name, values in classes.items() if value in values]
+        fewest = min(count for count, _ in holders)
+        names[value] = "/".join(name for count, name in holders if count == fewest)
+    return names
+
+
+def _legend(width: int, entries: Sequence[tuple[tuple[int, int, int], str]]) -> Image.Image:
+    """A strip of colour swatches and names, wrapped into rows at least ``width`` wide."""
+    size = _font_size(width)
+    font, pad = _font(size), max(3, size // 2)
+    widths = [size + pad // 2 + math.ceil(font.getlength(text)) for _, text in entries]
+    strip_width = max(width, max(widths, default=0) + 2 * pad)
+    rows: list[list[tuple[int, tuple[tuple[int, int, int], str]]]] = [[]]
+    x = pad
+    for entry, entry_width in zip(entries, widths, strict=True):
+        if rows[-1] and x + entry_width > strip_width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append((x, entry))
+        x += entry_width + 2 * pad
+    line_height = size + pad
+    strip = Image.new("RGB", (strip_width, pad + len(rows) * line_height), _PAPER)
+    draw = ImageDraw.Draw(strip)
+    for row, placed in enumerate(rows):
+        y = pad + row * line_height
+        for x, (colour, text) in placed:
+            draw.rectangle([x, y, x + size - 1, y + size - 1], fill=colour, outline=_INK)
+            draw.text((x + size + pad // 2, y + size / 2), text, fill=_INK, font=font, anchor="lm")
+    return strip
+
+
 def write_overlay(
-    path: Path, image: np.ndarray, labels: np.ndarray, *, alpha: float = 0.45
+    path: Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    *,
+    classes: Mapping[str, Sequence[int]] | None = None,
+    alpha: float = 0.45,
 ) -> Path:
-    """Write an RGB PNG of the image with labels tinted and their contours drawn solid.
+    """Write an RGB PNG of the image with labels tinted and their contours drawn solid, and
+    under it a legend naming each label's colour.
 
     Args:
         path: Output PNG; parent folders are created.
@@ -223,27 +417,36 @@ def write_overlay(
             shown), or a uint8 (H, W, 3) RGB or (H, W) grey image (as
             :func:`~.images.read_display_image` reads it).
         labels: (H, W) label map of the same size; each non-zero value gets a colour from
-            :data:`OVERLAY_COLOURS`.
+            :data:`OVERLAY_COLOURS` (:func:`label_colour`).
+        classes: Class name -> label values: the legend names every label of the classes
+            (:func:`label_names`); None: it lists "label 1" to the largest label present.
         alpha: Opacity of the label tint inside regions; contours are opaque.
 
     Returns:
-        The written path.
+        The written path. The picture is at the top left at the image's own size; the legend
+        strip under it may make the page wider than a very narrow image.
     """
     rgb = _as_rgb_uint8(image)
     labels = np.asarray(labels)
     if labels.shape != rgb.shape[:2]:
         raise ValueError(f"labels are {labels.shape} but the image is {rgb.shape[:2]}")
-    colours = np.zeros((int(labels.max(initial=0)) + 1, 3), np.float32)
+    if classes is None:
+        names = {v: f"label {v}" for v in range(1, int(labels.max(initial=0)) + 1)}
+    else:
+        names = label_names(classes)
+    colours = np.zeros((max(int(labels.max(initial=0)), *names, 0) + 1, 3), np.float32)
     for value in range(1, len(colours)):
-        colours[value] = OVERLAY_COLOURS[(value - 1) % len(OVERLAY_COLOURS)]
+        colours[value] = label_colour(value)
     edges = _contours(labels)
-    out = np.empty_like(rgb)
+    legend = _legend(labels.shape[1], [(label_colour(v), name) for v, name in names.items()])
+    canvas = _canvas(labels.shape, legend)
+    out = canvas[: labels.shape[0], : labels.shape[1]]
     # Blend in bands of rows: the float maths then needs a few MB, not 3 GB for 8000 x 8000.
     rows = max(1, _BAND_PIXELS // max(1, labels.shape[1]))
     for top in range(0, labels.shape[0], rows):
         band = slice(top, top + rows)
         out[band] = _blend(rgb[band], labels[band], edges[band], colours, alpha)
-    return _save(path, out)
+    return _save(path, canvas)
 
 
 def _blend(
