@@ -45,7 +45,7 @@ from arms import (  # noqa: E402
 )
 
 from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
-from medsegdiff_core.config import load_config  # noqa: E402
+from medsegdiff_core.config import InferenceConfig, load_config  # noqa: E402
 from medsegdiff_core.data.layouts import open_dataset  # noqa: E402
 from medsegdiff_core.data.synthetic import write_fundus_sites  # noqa: E402
 from medsegdiff_core.training import fit  # noqa: E402
@@ -54,10 +54,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["disc", "cup"]
 # Training options measured against each other (config overrides); the first is the baseline.
 ABLATIONS = {
-    "paper loss": [],
-    "+ x0 Dice/BCE loss": ["diffusion.x0_loss_weight=1.0"],
-    "+ high-noise timesteps": ["diffusion.timestep_sampling=high_noise"],
-    "+ both": ["diffusion.x0_loss_weight=1.0", "diffusion.timestep_sampling=high_noise"],
+    "paper loss": ["diffusion.x0_loss_weight=0", "diffusion.timestep_sampling=uniform"],
+    "+ x0 Dice/BCE loss": ["diffusion.x0_loss_weight=1.0", "diffusion.timestep_sampling=uniform"],
+    "+ high-noise timesteps": [
+        "diffusion.x0_loss_weight=0",
+        "diffusion.timestep_sampling=high_noise",
+    ],
+    "+ both (default)": ["diffusion.x0_loss_weight=1.0", "diffusion.timestep_sampling=high_noise"],
 }
 
 
@@ -91,8 +94,9 @@ def main() -> None:
     parser.add_argument("--few-step", action="store_true", help="the few-step sampler table")
     parser.add_argument("--subset-per-site", type=int, default=4, help="held-out images for DDPM")
     parser.add_argument("--ddpm-steps", type=int, default=1000)
-    parser.add_argument("--fast-sampler", default="dpm++")
-    parser.add_argument("--fast-steps", type=int, default=20)
+    shipped = InferenceConfig()
+    parser.add_argument("--fast-sampler", default=shipped.sampler, help="default: the shipped one")
+    parser.add_argument("--fast-steps", type=int, default=shipped.sampling_steps)
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-learning")
     parser.add_argument("--json", type=Path, help="write all figures here")

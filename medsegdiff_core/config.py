@@ -110,14 +110,16 @@ class DiffusionConfig(_Section):
     snr_gamma: float | None = Field(
         None, gt=0, description="Min-SNR-gamma loss weighting (None: uniform, as the paper)"
     )
+    # On by default, as measured (README, training options): at equal wall time both together
+    # gave +0.3 (DDIM 2) to +0.5 (DPM++ 20) Dice points over the paper's loss on the fundus data.
     x0_loss_weight: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description="auxiliary Dice + BCE loss on the network's x0 estimate, weighted by the "
         "noise level (0: off)",
     )
     timestep_sampling: Literal["uniform", "high_noise"] = Field(
-        "uniform", description="training timesteps: uniform (the paper) or favouring high noise"
+        "high_noise", description="training timesteps: uniform (the paper) or favouring high noise"
     )
 
     def noise_schedule(self) -> NoiseSchedule:
