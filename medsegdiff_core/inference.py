@@ -45,6 +45,7 @@ from .reliability import (
     case_reliability_row,
     reliability_summary,
 )
+from .report import CaseFigure, case_figure, write_report
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -260,9 +261,10 @@ def predict_folder(
     writer = _writer(dataset, loaded.classes, outputs)
     writer.provenance = provenance(loaded)
     writer.uncertainty_kind = cfg.uncertainty
+    writer.figures = []
     scored = any(case.mask_path is not None for case in dataset.cases)
     metrics = [out_dir / "metrics.json", out_dir / "metrics.txt"] if scored else []
-    for path in [*writer.planned(), *metrics]:
+    for path in [*writer.planned(), *metrics, out_dir / "report.html"]:
         outputs.claim(path)  # a file in the way stops the run before any sampling, not midway
     segmenter = diffusion_segmenter(
         loaded.model, loaded.diffusion.noise_schedule(), cfg, device=device, amp_dtype=amp_dtype
@@ -277,7 +279,32 @@ def predict_folder(
         metrics_json = outputs.claim(out_dir / "metrics.json")
         atomic_write_bytes(metrics_json, json.dumps(report, indent=2).encode())
         outputs.claim(out_dir / "metrics.txt").write_text(format_table(rows, summary) + "\n")
+    _write_report(outputs.claim(out_dir / "report.html"), loaded, writer, rows, summary)
     return PredictionReport(out_dir, writer.cases, rows, summary)
+
+
+def _write_report(
+    path: Path,
+    loaded: LoadedModel,
+    writer: _PlanarWriter | _VolumeWriter,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any] | None,
+) -> None:
+    """``report.html`` (:mod:`.report`): the metrics.json records, the thumbnails, the card."""
+    volumes = isinstance(writer, _VolumeWriter)
+    cases = list(writer.dataset.volume_cases) if volumes else [c.name for c in writer.dataset.cases]
+    write_report(
+        path,
+        cases=cases,
+        rows=rows,
+        summary=summary,
+        figures=writer.figures or [],
+        classes=loaded.classes,
+        model=str(loaded.path) if loaded.path is not None else "checkpoint",
+        model_card=loaded.metadata.get("release"),
+        uncertainty_kind=writer.uncertainty_kind,
+        hd95_unit="mm" if volumes else "px",
+    )
 
 
 def _score(
@@ -335,6 +362,7 @@ class _Scores:
         self.reliability: list[CaseReliability] = []
         self.pooled = PixelReliability(len(classes))
         self.uncertainty_kind = "entropy"  # what the uncertainty maps hold (their colour bar)
+        self.figures: list[CaseFigure] | None = None  # a list: thumbnails for the report
 
     def keep(self, name: str, metrics: CaseMetrics, evidence: _CaseEvidence) -> None:
         self.scores.append(metrics)
@@ -387,6 +415,11 @@ class _PlanarWriter(_Scores):
             shown = read_display_image(case.image_path)
             write_overlay(overlay_path, shown, labels, classes=self.classes)
         target = self.dataset.target_labels(index)
+        if self.figures is not None and uncertainty is not None:
+            figure = case_figure(
+                case.name, shown, labels, uncertainty, target, kind=self.uncertainty_kind
+            )
+            self.figures.append(figure)
         if target is not None:
             source = str(case.mask_path)
             case_evidence = _CaseEvidence(self.classes)
@@ -471,6 +504,8 @@ class _VolumeWriter(_Scores):
             self.dataset.write_prediction(
                 out_dir, case.name, self._labels, self._uncertainty, self.provenance
             )
+            if self.figures is not None:
+                self.figures.append(self._figure(case))
         if self._target is not None:
             reference = self.dataset.reference(case.name)
             labels = self.dataset.assemble(case.name, self._labels)
@@ -481,3 +516,29 @@ class _VolumeWriter(_Scores):
         self.cases += 1
         self._case, self._labels, self._uncertainty = None, {}, {}
         self._target, self._evidence = None, _CaseEvidence(self.classes)
+
+    def _figure(self, case: Any) -> CaseFigure:
+        """The report's thumbnails of the held case: the slice with the most predicted
+        foreground (the middle one where nothing is predicted), first modality, windowed to its
+        0.5-99.5 percentiles, turned a quarter (rows = the second in-plane axis, upwards)."""
+        from .data.layouts import load_volume_case
+
+        slices = sorted(self._labels)
+        counts = [np.count_nonzero(self._labels[k]) for k in slices]
+        k = slices[int(np.argmax(counts))] if max(counts) else slices[len(slices) // 2]
+        axis = self.dataset.volume_cases[case.name].axis
+        volumes, _ = load_volume_case(case, self.classes)
+        data = volumes[0].data if volumes[0].data.ndim == 3 else volumes[0].data[..., 0]
+        plane = np.take(data, k, axis=axis).astype(np.float32)
+        low, high = np.percentile(plane, [0.5, 99.5])
+        shown = np.clip((plane - low) / max(float(high - low), 1e-6), 0.0, 1.0)
+        target = None if self._target is None else np.take(self._target, k, axis=axis)
+        return case_figure(
+            case.name,
+            np.rot90(shown)[None],
+            np.rot90(self._labels[k]),
+            np.rot90(self._uncertainty.get(k, np.zeros_like(plane))),
+            None if target is None else np.rot90(target),
+            kind=self.uncertainty_kind,
+            note=f"slice {k} of {data.shape[axis]} along axis {axis} (most predicted foreground)",
+        )
