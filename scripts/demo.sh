@@ -21,4 +21,7 @@ for site in site-0 site-1 site-2; do
     --trust-file "$work/verified-releases.json" \
     --data "$work/data/synthetic-3/$site/test" --out "predictions/$site-$(basename "$release")"
 done
-echo "model card: $release/model-card.md; predictions, uncertainty maps and overlays: predictions/"
+echo "model card: $release/model-card.md"
+for site in site-0 site-1 site-2; do
+  echo "$site's report (open in a browser): predictions/$site-$(basename "$release")/report.html"
+done
