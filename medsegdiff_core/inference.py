@@ -290,7 +290,8 @@ def _write_report(
     rows: list[dict[str, Any]],
     summary: dict[str, Any] | None,
 ) -> None:
-    """``report.html`` (:mod:`.report`): the metrics.json records, the thumbnails, the card."""
+    """``report.html`` (:mod:`.report`): the metrics.json records, the thumbnails, the card
+    and the release's training-history plot."""
     volumes = isinstance(writer, _VolumeWriter)
     cases = list(writer.dataset.volume_cases) if volumes else [c.name for c in writer.dataset.cases]
     write_report(
@@ -302,6 +303,7 @@ def _write_report(
         classes=loaded.classes,
         model=str(loaded.path) if loaded.path is not None else "checkpoint",
         model_card=loaded.metadata.get("release"),
+        training_history=loaded.metadata.get("training_history"),
         uncertainty_kind=writer.uncertainty_kind,
         hd95_unit="mm" if volumes else "px",
     )

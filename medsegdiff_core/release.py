@@ -4,6 +4,9 @@ A release is a folder ``<name>-v<N>/`` holding
 
 * ``model.safetensors`` + ``model.json`` — a checkpoint (see :mod:`.checkpoint`);
 * ``model-card.md`` + ``model-card.json`` — what the model is, how it was trained, how it scores;
+* ``training-history.png`` — optional (releases of federated runs): train loss, validation Dice
+  and DP epsilon per round and site (:mod:`.plots`); signed like every other file, and releases
+  without it (older runs, ``release create``) verify and load as before;
 * ``manifest.json`` — the sha256 of every file above, the name and the version;
 * ``manifest.sig`` — an Ed25519 signature of ``manifest.json`` by the releasing server.
 
@@ -29,6 +32,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +56,8 @@ from .errors import CheckpointError
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 PASSPHRASE_ENV = "FEDMEDSEGDIFF_SIGNING_KEY_PASSPHRASE"
+TRAINING_HISTORY = "training-history.png"
+_RELEASE_FILES = {"model.safetensors", "model.json", "model-card.json", "model-card.md"}
 
 
 class ReleaseError(CheckpointError):
@@ -171,12 +177,20 @@ def write_release(
     signing_key: Ed25519PrivateKey,
     *,
     version: int | None = None,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
     """Package a checkpoint as the next version of release ``name`` under ``root``; sign it.
+
+    ``extra_files`` maps a plain file name in the release to the file copied there (e.g.
+    :data:`TRAINING_HISTORY`); each is listed and signed in the manifest like the model.
 
     The folder is assembled under a temporary name and renamed at the end, so a crash never
     leaves a half-written release that looks complete.
     """
+    extra = dict(extra_files or {})
+    for file_name in extra:
+        if not is_plain_file_name(file_name) or file_name in _RELEASE_FILES | {MANIFEST, SIGNATURE}:
+            raise ReleaseError(f"{file_name!r}: not a name another file may take in a release")
     _, sidecar = _read_checkpoint_files(checkpoint)
     version = version or next_version(root, name)
     final = root / f"{name}-v{version}"
@@ -191,6 +205,8 @@ def write_release(
     card = {"name": name, "version": version, **card}
     (staging / "model-card.json").write_text(json.dumps(card, indent=2))
     (staging / "model-card.md").write_text(render_model_card(card))
+    for file_name, source in extra.items():
+        (staging / file_name).write_bytes(Path(source).read_bytes())
     manifest = {
         "name": name,
         "version": version,
@@ -357,6 +373,8 @@ def load_release(
         device=device,
     )
     loaded.metadata["release"] = json.loads(_release_file(verified, "model-card.json"))
+    if TRAINING_HISTORY in verified.files:  # the verified bytes; absent from older releases
+        loaded.metadata["training_history"] = verified.files[TRAINING_HISTORY]
     if trust is not None:
         trust.record(verified.name, key_id, verified.version)
     return loaded
@@ -370,6 +388,7 @@ def _release_file(verified: VerifiedRelease, name: str) -> bytes:
 
 __all__ = [
     "PASSPHRASE_ENV",
+    "TRAINING_HISTORY",
     "ReleaseError",
     "TrustStore",
     "VerifiedRelease",

@@ -9,7 +9,9 @@ thumbnails are embedded as ``data:`` URIs, CSS and the table-sorting script are 
 * per case the image with the predicted outlines, with the ground truth's where there is a mask,
   and the uncertainty map in the colour map of the uncertainty PNGs, with their legends (for a
   volume: the slice with the most predicted foreground);
-* the release's model card, or the checkpoint the model came from.
+* the release's model card, or the checkpoint the model came from;
+* beside it, when the release holds one, its training-history plot (``training-history.png``:
+  train loss, validation Dice and DP epsilon per round and site, :mod:`.plots`), embedded.
 
 :func:`case_figure` turns one case's arrays into thumbnails as the run goes (a few tens of KB
 per case are kept, not the images); :func:`write_report` writes the page.
@@ -152,6 +154,8 @@ td:first-child,th:first-child{text-align:left;white-space:nowrap}
 .case h3{font-size:1em;margin:.1em 0 .4em}.case figure{display:inline-block;margin:0 .3em 0 0}
 .case figcaption{font-size:.85em;color:#555;text-align:center}
 .case img{display:block;image-rendering:auto;border:1px solid #eee}
+.model{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+.model>div{flex:1 1 28em;min-width:0}.history img{max-width:100%;height:auto}
 .card dt{font-weight:600}.card dd{margin:0 0 .4em 1.2em;font-family:monospace;white-space:pre-wrap}
 """
 
@@ -292,6 +296,27 @@ def _model_card(card: Mapping[str, Any] | None, model: str) -> str:
     return f'<div class="card">{"".join(parts)}</div>'
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _training_history(png: bytes | None) -> str:
+    """The "Training history" section: the release's plot, embedded; "" without one."""
+    if not png:
+        return ""
+    if not png.startswith(_PNG_SIGNATURE):
+        body = '<p class="muted">The release\'s training-history.png is not a PNG image.</p>'
+    else:
+        uri = f"data:image/png;base64,{base64.b64encode(png).decode('ascii')}"
+        body = (
+            f'<img id="training-history" src="{uri}" alt="training history: train loss, '
+            'validation Dice and DP epsilon per round and site">'
+            '<p class="muted">Per round of the federated run: train loss and validation Dice '
+            "of each site and the global (weighted) value; with DP, the epsilon each site "
+            "had spent.</p>"
+        )
+    return f'<div class="history"><h3>Training history</h3>{body}</div>'
+
+
 def write_report(
     path: Path,
     *,
@@ -302,6 +327,7 @@ def write_report(
     classes: Mapping[str, Sequence[int]],
     model: str,
     model_card: Mapping[str, Any] | None = None,
+    training_history: bytes | None = None,
     uncertainty_kind: str = "entropy",
     hd95_unit: str = "px",
 ) -> Path:
@@ -315,6 +341,7 @@ def write_report(
         classes: Class name -> label values (the outlines' legend).
         model: What the model was loaded from (shown without a model card).
         model_card: The release's model card (``model-card.json``), None for a checkpoint.
+        training_history: The release's ``training-history.png`` bytes, None without one.
         uncertainty_kind: What the uncertainty maps hold.
         hd95_unit: ``"px"`` (2-D) or ``"mm"`` (volumes).
     """
@@ -340,7 +367,8 @@ def write_report(
         _key(classes, uncertainty_kind),
         _figures(figures, order),
         "<h2>Model</h2>",
-        _model_card(model_card, model),
+        f'<div class="model"><div>{_model_card(model_card, model)}</div>'
+        f"{_training_history(training_history)}</div>",
     ]
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

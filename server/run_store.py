@@ -6,6 +6,8 @@ Layout of ``<workdir>/runs/<experiment name>/``::
                              last ``keep`` rounds are kept; any can be released on demand)
     momentum-0003.safetensors   the server's momentum after round 3 (when it uses momentum)
     state.json               completed round, metric history, config digest — the commit point
+    training-history.png     train loss, validation Dice (and DP epsilon) per round and site,
+                             redrawn after every committed round (:mod:`medsegdiff_core.plots`)
     final/model.{safetensors,json}   the final model as a checkpoint, when the run is done
 
 ``state.json`` is written last and atomically, so after a crash it always names a round whose
@@ -16,15 +18,18 @@ the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.common import log
 
 from medsegdiff_core.checkpoint import (
     atomic_write_bytes,
@@ -35,6 +40,7 @@ from medsegdiff_core.checkpoint import (
 from medsegdiff_core.config import ExperimentConfig
 from medsegdiff_core.errors import CheckpointError
 from medsegdiff_core.model import MedSegDiffUNet
+from medsegdiff_core.plots import training_history_plot
 from medsegdiff_core.records import (
     RecordError,
     RoundRecord,
@@ -42,6 +48,7 @@ from medsegdiff_core.records import (
     history_to_json,
     round_counts,
 )
+from medsegdiff_core.release import TRAINING_HISTORY
 
 from .secure_aggregation import parameters
 
@@ -113,6 +120,10 @@ class RunStore:
     def state_path(self) -> Path:
         return self.directory / "state.json"
 
+    @property
+    def training_history_path(self) -> Path:
+        return self.directory / TRAINING_HISTORY
+
     def weights_path(self, server_round: int) -> Path:
         return self.directory / f"round-{server_round:04d}.safetensors"
 
@@ -172,8 +183,31 @@ class RunStore:
         if (secure := secure_aggregation_settings(self.config)) is not None:
             payload["secure_aggregation"] = secure
         atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())
+        self.write_training_history(state.history)
         for old in sorted(self.directory.glob("round-*.safetensors"))[: -self.keep]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
         for old in sorted(self.directory.glob("momentum-*.safetensors"))[: -self.keep]:
             old.unlink(missing_ok=True)
+
+    def write_training_history(self, history: list[RoundRecord]) -> Path | None:
+        """Redraw ``training-history.png`` from ``history``; None if that failed.
+
+        The plot is a by-product: a failure (bad values, a full disk) logs one warning and the
+        run goes on. A plot that could not be redrawn is removed, so the run folder (and the
+        release made from it) never holds one that is rounds behind ``state.json``.
+        """
+        path = self.training_history_path
+        try:
+            return training_history_plot(history, path)
+        except Exception as exc:  # the round is committed already; nothing here may undo it
+            log(
+                WARNING,
+                "%s not written (%s: %s); the run goes on without it",
+                path,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            return None

@@ -41,6 +41,7 @@ from medsegdiff_core.records import (
 )
 from medsegdiff_core.release import (
     PASSPHRASE_ENV,
+    TRAINING_HISTORY,
     generate_signing_key,
     load_private_key,
     passphrase_from_env,
@@ -374,11 +375,13 @@ def model_from(arrays: ArrayRecord, config: ExperimentConfig) -> MedSegDiffUNet:
 def publish_release(
     config: ExperimentConfig, store: RunStore, state: RunState, arrays: ArrayRecord, workdir: Path
 ) -> Path:
-    """Save the final model as a checkpoint and package it as a signed, versioned release."""
+    """Save the final model as a checkpoint and package it as a signed, versioned release
+    (with the run's training-history plot, when it could be drawn)."""
     model = model_from(arrays, config)
     checkpoint = save_experiment_checkpoint(
         store.directory / "final" / "model", model, config, rounds=state.completed_round
     )
+    plot = store.training_history_path  # redrawn after the last round; absent if that failed
     key_path = workdir / "keys" / "release-signing.pem"
     passphrase = passphrase_from_env()
     if not key_path.exists():
@@ -398,6 +401,7 @@ def publish_release(
         config.federation.release_name,
         model_card(config, state, model),
         load_private_key(key_path, passphrase),
+        extra_files={TRAINING_HISTORY: plot} if plot.is_file() else None,
     )
 
 

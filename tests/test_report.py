@@ -3,6 +3,7 @@ written by a real ``medsegdiff evaluate`` / ``predict``, opened in headless Chro
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -90,38 +91,36 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An untrained tiny model released and signed, then ``evaluate`` (from the release, on a
-    labelled folder) and ``predict`` (from the checkpoint, no masks) through the CLI."""
-    from medsegdiff_core.checkpoint import save_checkpoint
-    from medsegdiff_core.config import DiffusionConfig, InferenceConfig
+    """An untrained tiny model released by the server's own code (two hand-built rounds
+    committed by RunStore, so the run folder has its training-history plot, then
+    ``publish_release``), then ``evaluate`` (from the release, on a labelled folder) and
+    ``predict`` (from the final checkpoint, no masks) through the CLI."""
+    from flwr.app import ArrayRecord
+    from test_plots import history
+
+    from medsegdiff_core.config import load_config
     from medsegdiff_core.model import MedSegDiffUNet
-    from medsegdiff_core.model.presets import resolve_spec
+    from server.run_store import RunState, RunStore
+    from server.server_app import publish_release
 
     work = tmp_path_factory.mktemp("report")
     site = write_fundus_sites(work / "data", num_sites=1, cases={"test": 4}, size=48)[0]
-    torch.manual_seed(0)
-    spec = resolve_spec("tiny", image_size=32, image_channels=3, mask_channels=2)
-    checkpoint = save_checkpoint(
-        work / "model",
-        MedSegDiffUNet(spec),
-        diffusion=DiffusionConfig(prediction="v"),
-        classes=FUNDUS_CLASSES,
-        inference=InferenceConfig(sampling_steps=2, ensemble=2, batch_size=4),
+    config = load_config(
+        ROOT / "configs" / "federated-tiny.yaml", ["inference.ensemble=2", "inference.batch_size=4"]
     )
-    key = work / "keys" / "server.pem"
-    assert run_cli("release", "keygen", str(key)).returncode == 0
-    card = work / "card.json"
-    card.write_text(json.dumps({"summary": "Tiny test model.", "training": {"rounds": 0}}))
-    made = run_cli(
-        "release", "create", "--checkpoint", str(checkpoint), "--name", "fundus",
-        "--key", str(key), "--out", str(work / "releases"), "--card", str(card),
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    release = work / "releases" / "fundus-v1"
+    torch.manual_seed(0)
+    model = MedSegDiffUNet(config.unet_spec())
+    store, state = RunStore(work / "runs" / config.name, config), RunState()
+    for record in history(rounds=2, dp=True):
+        store.save_round(state, model, record)
+    release = publish_release(config, store, state, ArrayRecord(model.state_dict()), work)
+    assert release == work / "releases" / "fundus-tiny-v1"
+    key = work / "keys" / "release-signing.pem"
+    checkpoint = store.directory / "final" / "model.json"
     trust = ["--trust-file", str(work / "trust.json")]
     evaluated = run_cli(
         "evaluate", "--release", str(release), "--public-key", f"{key}.pub",
-        "--release-name", "fundus", *trust, "--data", str(site / "test"),
+        "--release-name", "fundus-tiny", *trust, "--data", str(site / "test"),
         "--out", str(work / "eval"),
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
@@ -134,7 +133,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "--out", str(work / "pred"),
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
-    return {"eval": work / "eval", "pred": work / "pred", "site": site / "test"}
+    return {
+        "eval": work / "eval",
+        "pred": work / "pred",
+        "site": site / "test",
+        "run": store.directory,
+        "release": release,
+    }
 
 
 class _Page(HTMLParser):
@@ -212,26 +217,42 @@ def test_report_is_one_file_with_the_metrics_records(runs: dict[str, Path]) -> N
         assert shown[record["case"]][header.index("cup AUROC")] == (
             "n/a" if auroc is None else f"{auroc:.3f}"
         )
-    # prediction, ground truth, uncertainty per case; every image embedded
-    assert len(page.images) == 3 * 4
+    # prediction, ground truth, uncertainty per case, the training history; all embedded
+    assert len(page.images) == 3 * 4 + 1
     assert all(str(img["src"]).startswith("data:image/") for img in page.images)
-    assert "fundus v1" in text and "Tiny test model." in text  # the release's model card
-    assert len(text) < 400_000  # thumbnails, not the images
+    assert "fundus-tiny v1" in text and "trained with Flower across 3 sites" in text  # the card
+    assert len(text) < 500_000  # thumbnails, not the images
+
+    # The training-history plot: in the run folder, signed into the release, and the very
+    # bytes the report embeds (from the verified release) under "Training history".
+    in_run = (runs["run"] / "training-history.png").read_bytes()
+    assert (runs["release"] / "training-history.png").read_bytes() == in_run
+    manifest = json.loads((runs["release"] / "manifest.json").read_text())
+    assert "training-history.png" in manifest["files"]
+    plot = Image.open(runs["release"] / "training-history.png")
+    assert plot.format == "PNG" and plot.size == (900, 900)  # loss, Dice, epsilon (DP) panels
+    assert np.asarray(plot.convert("L")).std() > 10  # drawn, not blank
+    (history,) = [img for img in page.images if img.get("id") == "training-history"]
+    assert str(history["src"]).startswith("data:image/png;base64,")
+    assert base64.b64decode(str(history["src"]).split(",", 1)[1]) == in_run
+    assert "<h3>Training history</h3>" in text
 
     predicted = (runs["pred"] / "report.html").read_text()
     page = _parse(predicted)
     assert [row[0] for row in page.rows[1:]] == ["case-0000", "case-0001"]
     assert page.rows[0] == ["case"]  # no masks: no metrics columns
-    assert len(page.images) == 2 * 2  # no ground truth
-    assert "not a signed release" in predicted
+    assert len(page.images) == 2 * 2  # no ground truth, and a checkpoint has no plot
+    assert "not a signed release" in predicted and "Training history" not in predicted
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: chromium)")
 def test_report_renders_in_chromium_and_sorts(runs: dict[str, Path], tmp_path: Path) -> None:
     report = runs["eval"] / "report.html"
     page = _parse(_dump_dom(report, tmp_path))
-    assert page.body.get("data-images") == "12/12"  # every image decoded (naturalWidth > 0)
+    assert page.body.get("data-images") == "13/13"  # every image decoded (naturalWidth > 0)
     assert all(img.get("data-loaded") == "1" for img in page.images)
+    (history,) = [img for img in page.images if img.get("id") == "training-history"]
+    assert history.get("data-loaded") == "1"  # the training-history plot among them
     records = json.loads((runs["eval"] / "metrics.json").read_text())["cases"]
     assert [row[0] for row in page.rows[1:]] == [r["case"] for r in sorted(records, key=_mean_dice)]
 
@@ -241,10 +262,14 @@ def test_report_renders_in_chromium_and_sorts(runs: dict[str, Path], tmp_path: P
       const th=[...document.querySelectorAll('#cases th')];
       const first=()=>document.querySelector('#cases tbody tr td').textContent;
       th[1].click(); const best=first(); th[1].click(); const worst=first();
-      th[2].click(); document.body.dataset.sorted=[best,worst,first()].join(',');});</script>"""
+      th[2].click(); document.body.dataset.sorted=[best,worst,first()].join(',');
+      const plot=document.getElementById('training-history');
+      document.body.dataset.plot=plot.naturalWidth+'x'+plot.naturalHeight;});</script>"""
     clicked = tmp_path / "clicked.html"
     clicked.write_text(report.read_text().replace("</body>", clicks + "</body>"))
-    best, worst, worst_disc = _parse(_dump_dom(clicked, tmp_path)).body["data-sorted"].split(",")
+    body = _parse(_dump_dom(clicked, tmp_path)).body
+    assert body["data-plot"] == "900x900"  # Chromium decoded the plot at its full size
+    best, worst, worst_disc = str(body["data-sorted"]).split(",")
     assert best == max(records, key=_mean_dice)["case"]
     assert worst == min(records, key=_mean_dice)["case"]
     assert worst_disc == min(records, key=lambda r: r["per_class"]["disc"]["dice"])["case"]
