@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.site import builtin_sites  # noqa: E402
+from client.site import builtin_sites, builtin_sites_folder  # noqa: E402
 from medsegdiff_core.checkpoint import load_checkpoint  # noqa: E402
 from medsegdiff_core.config import load_config  # noqa: E402
 from medsegdiff_core.data.layouts import PlanarDataset, open_dataset  # noqa: E402
@@ -72,10 +72,12 @@ def train_central(config, folders: list[Path], steps: int, out: Path) -> Path:
     return fit(parse_config(overrides), progress=False, log=lambda _: None).checkpoint
 
 
-def builtin_tests(workdir: Path, config) -> tuple[list[Path], list[PlanarDataset]]:
-    """The built-in sites the simulated clients use (written once under ``workdir``) and their
-    test splits at the model's resolution."""
-    sites = builtin_sites(workdir, SITES)
+def builtin_tests(
+    workdir: Path, config, *, train_slices: int = 40
+) -> tuple[list[Path], list[PlanarDataset]]:
+    """The built-in sites the simulated clients use (written once under ``workdir``, with
+    ``train_slices`` training slices each) and their test splits at the model's resolution."""
+    sites = builtin_sites(workdir, SITES, train_slices=train_slices)
     size = config.unet_spec().image_size
     channels = config.data.image_channels
     tests = [
@@ -86,16 +88,26 @@ def builtin_tests(workdir: Path, config) -> tuple[list[Path], list[PlanarDataset
 
 
 def run_federated(
-    workdir: Path, name: str, experiment: str, overrides: str, *, side_by_side: bool = False
+    workdir: Path,
+    name: str,
+    experiment: str,
+    overrides: str,
+    *,
+    side_by_side: bool = False,
+    train_slices: int = 40,
 ) -> Path:
     """One ``flwr run . local`` simulation of the built-in sites named ``name``; its run folder.
 
-    The run reads the built-in sites already under ``workdir`` (linked, not written again)."""
+    The run reads the built-in sites already under ``workdir`` (linked, not written again), with
+    ``train_slices`` training slices each (``federation.simulated_train_slices``)."""
     run_workdir = workdir / name
-    link = run_workdir / "data" / f"synthetic-{SITES}"
+    folder = builtin_sites_folder(SITES, train_slices)
+    link = run_workdir / "data" / folder
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(workdir / "data" / f"synthetic-{SITES}", target_is_directory=True)
+        link.symlink_to(workdir / "data" / folder, target_is_directory=True)
+    if train_slices != 40:
+        overrides = f"federation.simulated_train_slices={train_slices} {overrides}"
     code = run_local(
         workdir / f"flwr-home-{name}",
         num_supernodes=SITES,

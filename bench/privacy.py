@@ -8,10 +8,18 @@
   ``/proc/self/status`` after resetting it through ``/proc/self/clear_refs``).
 * ``--part utility`` (long: three federated simulations): Dice on every built-in site's held-out
   test images of the federated model trained without DP and with epsilon 8 and 3 per site
-  (noise chosen by Opacus for the plan), same rounds and local steps.
+  (noise chosen by Opacus for the plan, under ``--accountant``), same rounds and local steps,
+  on built-in sites of ``--train-slices-per-site`` training slices each (default 40: q = 0.2
+  at batch 8; 500 gives q = 0.016).
+* ``--part accounting`` (seconds, no training): for one history (noise ``--noise``, ``--rounds``
+  x ``--local-steps`` steps) at each sample rate of ``--sample-rates`` (default 0.2 and 0.016),
+  epsilon under Opacus' RDP and PRV accountants side by side and their ratio, and the noise
+  each would plan for the ``--epsilons`` targets (what ``privacy.accountant`` changes).
 
-Run: python bench/privacy.py [--part overhead|utility|all] [--preset small --size 64 --batch 8]
-     [--modes vmap,hooks,functorch,ghost] [--rounds 25 --local-steps 16] [--json runs/x.json]
+Run: python bench/privacy.py [--part overhead|utility|accounting|all] [--preset small --size 64
+     --batch 8] [--modes vmap,hooks,functorch,ghost] [--rounds 25 --local-steps 16]
+     [--train-slices-per-site 40] [--accountant rdp|prv] [--noise 1.0 --sample-rates 0.2,0.016]
+     [--json runs/x.json]
 """
 
 from __future__ import annotations
@@ -35,7 +43,13 @@ sys.path.insert(0, str(ROOT))
 
 from medsegdiff_core.config import load_config, parse_config  # noqa: E402
 from medsegdiff_core.model import MedSegDiffUNet  # noqa: E402
-from medsegdiff_core.privacy import PrivacyPlan, dp_train_steps  # noqa: E402
+from medsegdiff_core.privacy import (  # noqa: E402
+    PrivacyPlan,
+    account,
+    dp_train_steps,
+    plan_privacy,
+    prv_epsilon,
+)
 from medsegdiff_core.training import make_optimizer, random_batches, train_steps  # noqa: E402
 
 SITES = 3
@@ -214,15 +228,20 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
 
     config = load_config(ROOT / args.experiment)
     workdir = args.work.resolve()
-    _, tests = builtin_tests(workdir, config)
+    slices = args.train_slices_per_site
+    _, tests = builtin_tests(workdir, config, train_slices=slices)
     print(
-        f"bench/privacy utility: {args.experiment}, {SITES} sites, {args.rounds} rounds x "
-        f"{args.local_steps} local steps",
+        f"bench/privacy utility: {args.experiment}, {SITES} sites of {slices} training slices "
+        f"(q = {min(1.0, config.train.batch_size / slices):.3g}), {args.rounds} rounds x "
+        f"{args.local_steps} local steps, {args.accountant} accountant",
         flush=True,
     )
     arms = {"no DP": "privacy.enabled=false"}
     for epsilon in args.epsilons.split(","):
-        arms[f"epsilon {epsilon}"] = f"privacy.enabled=true privacy.target_epsilon={epsilon}"
+        arms[f"epsilon {epsilon}"] = (
+            f"privacy.enabled=true privacy.target_epsilon={epsilon} "
+            f"privacy.accountant={args.accountant}"
+        )
     results: dict[str, Any] = {}
     for index, (name, privacy) in enumerate(arms.items()):
         overrides = (
@@ -231,7 +250,12 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
         )
         start = time.monotonic()
         run_dir = run_federated(
-            workdir, f"bench-privacy-{index}", args.experiment, overrides, side_by_side=True
+            workdir,
+            f"bench-privacy-{index}",
+            args.experiment,
+            overrides,
+            side_by_side=True,
+            train_slices=slices,
         )
         dice = score(run_dir / "final" / "model.json", tests, config)
         card_path = next((run_dir.parents[1] / "releases").glob("*/model-card.json"))
@@ -248,9 +272,86 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# --- accounting -------------------------------------------------------------------------------
+
+
+def accounting(args: argparse.Namespace) -> dict[str, Any]:
+    """RDP vs PRV epsilon for one history per sample rate, and the noise each plans."""
+    steps = args.rounds * args.local_steps
+    delta = args.delta
+    print(
+        f"bench/privacy accounting: noise {args.noise}, {args.rounds} rounds x "
+        f"{args.local_steps} steps = {steps} steps, delta {delta:g} (Opacus RDP vs PRV upper "
+        "bound, eps_error 0.01)",
+        flush=True,
+    )
+    print(f"{'q':>7} {'noise':>6} {'steps':>6} {'eps RDP':>9} {'eps PRV':>9} {'PRV/RDP':>8}")
+    results: dict[str, Any] = {"history": [], "planning": []}
+    for q in (float(x) for x in args.sample_rates.split(",")):
+        history = [(args.noise, q, steps)]
+        rdp = account(history, delta, "rdp").value
+        start = time.perf_counter()
+        try:
+            prv: float | None = prv_epsilon(history, delta)
+        except Exception as exc:  # what the site would do: fall back to RDP
+            prv, note = None, f"  prv unavailable: {exc}"
+        else:
+            note = ""
+        seconds = time.perf_counter() - start
+        ratio = f"{prv / rdp:>8.3f}" if prv is not None else f"{'-':>8}"
+        prv_cell = f"{prv:>9.4f}" if prv is not None else f"{'-':>9}"
+        print(f"{q:>7.4g} {args.noise:>6.3g} {steps:>6} {rdp:>9.4f} {prv_cell} {ratio}{note}")
+        results["history"].append(
+            {"q": q, "noise": args.noise, "steps": steps, "rdp": rdp, "prv": prv, "prv_s": seconds}
+        )
+    print(f"\n{'q':>7} {'target':>7} {'noise RDP':>10} {'noise PRV':>10} {'eps PRV':>9}")
+    for q in (float(x) for x in args.sample_rates.split(",")):
+        for target in (float(e) for e in args.epsilons.split(",")):
+            sigmas = {}
+            for name in ("rdp", "prv"):
+                privacy = parse_config(
+                    {
+                        "privacy": {
+                            "enabled": True,
+                            "target_epsilon": target,
+                            "delta": delta,
+                            "accountant": name,
+                        }
+                    }
+                ).privacy
+                plan = plan_privacy(
+                    privacy,
+                    num_examples=max(round(args.batch / q), 1),
+                    batch_size=args.batch,
+                    local_steps=args.local_steps,
+                    rounds=args.rounds,
+                )
+                sigmas[name] = plan
+            p = sigmas["prv"]
+            spent = account([(p.noise_multiplier, p.sample_rate, steps)], delta, "prv")
+            fallback = f"  ({p.accountant_fallback})" if p.accountant_fallback else ""
+            print(
+                f"{q:>7.4g} {target:>7.3g} {sigmas['rdp'].noise_multiplier:>10.4f} "
+                f"{p.noise_multiplier:>10.4f} {spent.value:>9.4f}{fallback}"
+            )
+            results["planning"].append(
+                {
+                    "q": q,
+                    "target_epsilon": target,
+                    "noise_rdp": sigmas["rdp"].noise_multiplier,
+                    "noise_prv": p.noise_multiplier,
+                    "epsilon_prv": spent.value,
+                    "fallback": p.accountant_fallback,
+                }
+            )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["overhead", "utility", "all"], default="overhead")
+    parser.add_argument(
+        "--part", choices=["overhead", "utility", "accounting", "all"], default="overhead"
+    )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
@@ -265,15 +366,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--local-steps", type=int, default=16)
     parser.add_argument("--epsilons", default="8,3")
+    parser.add_argument(
+        "--train-slices-per-site",
+        type=int,
+        default=40,
+        help="training slices of each built-in site (utility); e.g. 40, 400, 2000",
+    )
+    parser.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    parser.add_argument("--noise", type=float, default=1.0, help="accounting: noise multiplier")
+    parser.add_argument("--sample-rates", default="0.2,0.016", help="accounting: q values")
+    parser.add_argument("--delta", type=float, default=1e-5, help="accounting: delta")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-privacy")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the")  # Opacus' RDP alphas
     results: dict[str, Any] = {}
     if args.part in ("overhead", "all"):
         results["overhead"] = overhead(args)
+    if args.part in ("accounting", "all"):
+        results["accounting"] = accounting(args)
     if args.part in ("utility", "all"):
         results["utility"] = utility(args)
     if args.json:

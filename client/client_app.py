@@ -173,6 +173,7 @@ def _train_private(
             rounds_trained=ledger.rounds_trained(),
             decision=decision,
             grad_sample_mode=privacy.grad_sample_mode,
+            accounted=decision.spent_by,
         )
         metrics = SiteMetrics(num_examples=len(data), train_steps=0)
         return _reply(msg, site, metrics, privacy=record)
@@ -201,14 +202,16 @@ def _train_private(
     )
     ledger.complete(decision.entry, stats.history)
     _keep_optimizer(optimizer, site, run_uid, server_round)
-    epsilon = ledger.epsilon()
+    accounted = ledger.account(plan.accountant)
+    epsilon = accounted.value
     log(
         INFO,
-        "%s round %d under DP: epsilon %.4g of %g spent (delta %.3g%s, noise %.4g, q %.4g)",
+        "%s round %d under DP: epsilon %.4g of %g spent (%s, delta %.3g%s, noise %.4g, q %.4g)",
         site.name,
         server_round,
         epsilon,
         plan.target_epsilon,
+        accounted.accountant + (f": {accounted.fallback}" if accounted.fallback else ""),
         decision.delta,
         " (pinned at the site's first DP round)" if decision.delta != plan.delta else "",
         plan.noise_multiplier,
@@ -228,6 +231,7 @@ def _train_private(
         grad_sample_mode=privacy.grad_sample_mode,
         steps=stats.steps,
         empty_batches=stats.empty_batches,
+        accounted=accounted,
     )
     return _reply(msg, site, metrics, ArrayRecord(model.state_dict()), record)
 

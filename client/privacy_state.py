@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from medsegdiff_core.config import ExperimentConfig, parse_config, resolve_workdir
-from medsegdiff_core.privacy import BudgetDecision, PrivacyLedger, PrivacyPlan
+from medsegdiff_core.privacy import BudgetDecision, Epsilon, PrivacyLedger, PrivacyPlan
 from medsegdiff_core.records import PrivacyRecord
 
 from .site import Site
@@ -72,10 +72,13 @@ def privacy_record(
     grad_sample_mode: str = "",
     steps: int = 0,
     empty_batches: int = 0,
+    accounted: Epsilon | None = None,
 ) -> PrivacyRecord:
     """The ``privacy`` record of a train reply: DP off, or the epsilon spent so far.
 
-    ``delta`` is the one the site's ledger pinned (the plan's when not given).
+    ``delta`` is the one the site's ledger pinned (the plan's when not given). ``accounted`` is
+    how the ledger counted ``epsilon`` (its accountant and any fallback from PRV; default: the
+    plan's accountant, without fallback); a planning fallback is reported beside it.
 
     Kept out of the ``metrics`` record on purpose: Flower averages metrics across sites and
     requires every site's metrics to have the same keys, and a site without DP has no epsilon.
@@ -83,6 +86,8 @@ def privacy_record(
     if plan is None:
         return PrivacyRecord(enabled=False, declined=False)
     declined = decision is not None and not decision.granted
+    accountant = accounted.accountant if accounted is not None else plan.accountant
+    fallbacks = [plan.accountant_fallback, accounted.fallback if accounted is not None else ""]
     return PrivacyRecord(
         enabled=True,
         declined=declined,
@@ -101,4 +106,6 @@ def privacy_record(
         empty_batches=empty_batches,
         rounds_trained=rounds_trained,
         grad_sample_mode=grad_sample_mode,
+        accountant=accountant,
+        accountant_fallback="; ".join(f for f in fallbacks if f),
     )

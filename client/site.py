@@ -26,7 +26,7 @@ from flwr.app import Context
 
 from medsegdiff_core.config import ExperimentConfig, config_from_run_config, resolve_workdir
 from medsegdiff_core.data import SegmentationDataset
-from medsegdiff_core.data.synthetic import write_fundus_sites
+from medsegdiff_core.data.synthetic import DEFAULT_CASES, write_fundus_sites
 from medsegdiff_core.errors import DataError
 from medsegdiff_core.training import open_checked, pick_device
 
@@ -53,7 +53,11 @@ class Site:
             name = str(node.get("site-name") or folder.name)
         else:
             partition = int(node["partition-id"])
-            sites = builtin_sites(workdir, config.federation.simulated_sites)
+            sites = builtin_sites(
+                workdir,
+                config.federation.simulated_sites,
+                train_slices=config.federation.simulated_train_slices,
+            )
             if partition >= len(sites):
                 raise DataError(
                     f"partition-id {partition}: only {len(sites)} built-in sites "
@@ -86,16 +90,27 @@ def _open_split(config_json: str, folder: str, train: bool, augment: bool) -> Se
     return open_checked(config, Path(folder), train=train, augment=augment)
 
 
-def builtin_sites(workdir: Path, num_sites: int) -> list[Path]:
+def builtin_sites(
+    workdir: Path, num_sites: int, *, train_slices: int = DEFAULT_CASES["train"]
+) -> list[Path]:
     """The built-in synthetic sites under ``workdir``, written once (several simulated clients
-    may ask at the same moment: a file lock makes one of them write, the others wait)."""
-    root = workdir / "data" / f"synthetic-{num_sites}"
+    may ask at the same moment: a file lock makes one of them write, the others wait).
+
+    ``train_slices`` per site (``federation.simulated_train_slices``); sites with other than
+    the default 40 live in their own folder, ``synthetic-<sites>-train<N>``."""
+    root = workdir / "data" / builtin_sites_folder(num_sites, train_slices)
     done = root / ".complete"
     if not done.exists():
         root.mkdir(parents=True, exist_ok=True)
         with open(root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not done.exists():
-                write_fundus_sites(root, num_sites=num_sites)
+                write_fundus_sites(root, num_sites=num_sites, train_slices_per_site=train_slices)
                 done.touch()
     return [root / f"site-{k}" for k in range(num_sites)]
+
+
+def builtin_sites_folder(num_sites: int, train_slices: int = DEFAULT_CASES["train"]) -> str:
+    """The folder name, under ``<workdir>/data``, of :func:`builtin_sites`."""
+    suffix = "" if train_slices == DEFAULT_CASES["train"] else f"-train{train_slices}"
+    return f"synthetic-{num_sites}{suffix}"

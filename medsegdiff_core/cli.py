@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", type=Path, default=Path("data/synthetic"))
     synth.add_argument("--sites", type=int, default=3)
     synth.add_argument("--size", type=int, default=128, help="image side in px")
-    synth.add_argument("--train", type=int, default=40, help="training cases per site")
+    synth.add_argument(
+        "--train",
+        "--train-slices-per-site",
+        dest="train",
+        type=int,
+        default=40,
+        help="training cases (2-D slices, the DP unit) per site",
+    )
     synth.add_argument("--val", type=int, default=8, help="validation cases per site")
     synth.add_argument("--test", type=int, default=12, help="test cases per site")
     synth.add_argument("--seed", type=int, default=0)

@@ -204,6 +204,11 @@ class FederationConfig(_Section):
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every N rounds")
     simulated_sites: int = Field(3, ge=1, description="built-in sites in simulation")
+    simulated_train_slices: int = Field(
+        40,
+        ge=1,
+        description="training slices per built-in site in simulation (one fundus case each)",
+    )
     norm_outlier_factor: float = Field(
         10.0, gt=1, description="reject updates whose norm exceeds this times the round median"
     )
@@ -308,6 +313,13 @@ class PrivacyConfig(_Section):
     )
     grad_sample_mode: Literal["vmap", "hooks", "functorch", "ghost"] = Field(
         "vmap", description="how per-sample gradients are computed (see bench/privacy.py)"
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp",
+        description="privacy accountant for planning the noise and for the site's ledger: "
+        "Opacus' RDP, or PRV (tighter: 0.85-0.96x RDP's epsilon on our histories), which falls "
+        "back to RDP, and the privacy record says so, where its numerical bound cannot be "
+        "computed soundly; rdp by default, since PRV is not sound everywhere (see privacy.py)",
     )
     central: bool = Field(
         False, description="server: central DP on the aggregate (fixed clipping, k sampled sites)"

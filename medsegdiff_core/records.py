@@ -20,7 +20,7 @@ one line naming the record and the key. This module imports neither Flower nor t
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -70,6 +70,9 @@ class PrivacyRecord(_WireRecord):
     without DP has no epsilon, and Flower requires every site's metrics to have the same keys).
 
     Without DP only ``enabled`` and ``declined`` are set; the rest is None and not sent.
+    ``accountant`` is the accountant ``epsilon`` comes from (``rdp`` or ``prv``); records sent
+    before it existed lack it and were all RDP. ``accountant_fallback`` says why a site asking
+    for PRV reports an RDP epsilon or RDP-calibrated noise ("" when nothing fell back).
     """
 
     enabled: bool = False
@@ -89,6 +92,8 @@ class PrivacyRecord(_WireRecord):
     empty_batches: int | None = None
     rounds_trained: int | None = None
     grad_sample_mode: str | None = None
+    accountant: Literal["rdp", "prv"] | None = None  # whose bound epsilon is; None: older, rdp
+    accountant_fallback: str | None = None
 
     def to_config(self) -> dict[str, bool | int | float | str]:
         """The ConfigRecord form (hyphenated keys; unset fields left out)."""

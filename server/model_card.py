@@ -103,6 +103,9 @@ def privacy_card(config: ExperimentConfig, state: RunState) -> dict[str, Any]:
                 "sample_rate": reported.sample_rate,
                 "max_grad_norm": reported.max_grad_norm,
                 "train_slices": reported.num_examples,
+                # records sent before sites could choose PRV carry no accountant: all RDP
+                "accountant": reported.accountant or "rdp",
+                "accountant_fallback": reported.accountant_fallback or "",
             }
         else:
             entry |= {"dp": False, "epsilon": None, "delta": None}
@@ -122,7 +125,9 @@ def privacy_card(config: ExperimentConfig, state: RunState) -> dict[str, Any]:
             "unit": "one training slice (2-D image + mask) of a site",
             "guarantee": (
                 "(epsilon, delta)-DP of everything the site sent, over all rounds it trained "
-                "in; Opacus RDP accountant, Poisson sampling, per-sample clipping"
+                "in; Opacus accountant per site (sites.<site>.accountant: rdp, or prv where the "
+                "site chose it and its bound could be computed), Poisson sampling, per-sample "
+                "clipping"
             ),
             "not_covered": [
                 "federated evaluation: each site's Dice on its validation split is exact",

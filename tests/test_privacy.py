@@ -20,12 +20,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from flower_simulation import write_simulation
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
@@ -35,16 +36,22 @@ from medsegdiff_core.diffusion import diffusion_loss
 from medsegdiff_core.errors import ConfigError
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.privacy import (
+    PLAN_EPSILON_TOLERANCE,
+    Epsilon,
     PrivacyLedger,
     PrivacyLedgerError,
     PrivacyPlan,
+    PRVUnavailable,
+    account,
     default_delta,
     dp_train_steps,
     epsilon_of,
     make_dp_compatible,
     merge_history,
     plan_privacy,
+    prv_epsilon,
 )
+from medsegdiff_core.records import PrivacyRecord, RoundRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -498,3 +505,196 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     assert central["noisy_rounds"] == 2 and central["epsilon"] > 0
     assert central["sites_sampled_per_round"] == [3, 3]
     assert "server itself" in central["does_not_protect"]
+
+
+# --- the PRV accountant ----------------------------------------------------------------------
+
+
+def opacus_prv_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon as Opacus' PRV accountant counts it (its upper bound) after ``steps`` steps."""
+    accountant = PRVAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return accountant.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize(("q", "steps"), [(0.2, 90), (0.016, 400)])
+def test_prv_epsilon_is_at_most_rdps_for_the_same_history(q: float, steps: int) -> None:
+    prv, rdp = opacus_prv_epsilon(1.0, q, steps, 1e-5), opacus_epsilon(1.0, q, steps, 1e-5)
+    assert 0 < prv <= rdp
+    # What a site reports under each accountant: exactly Opacus' value, and which it is.
+    under_prv = account([(1.0, q, steps // 2)] * 2, 1e-5, "prv")
+    assert (under_prv.accountant, under_prv.requested, under_prv.fallback) == ("prv", "prv", "")
+    assert under_prv.value == pytest.approx(prv, rel=1e-9)
+    assert account([(1.0, q, steps)], 1e-5, "rdp") == Epsilon(rdp, "rdp", "rdp")
+    assert epsilon_of([(1.0, q, steps)], 1e-5) == pytest.approx(rdp, rel=1e-12)
+
+
+def test_prv_outside_its_range_falls_back_to_rdp_and_says_so() -> None:
+    # At q = 0.2, noise 0.5, 4000 steps the PRV mesh needs 41 M points (55 s, then inf): the
+    # guard refuses it before computing, and the site counts RDP's bound instead.
+    history = [(0.5, 0.2, 4000)]
+    result = account(history, 1e-5, "prv")
+    assert result.accountant == "rdp" and result.requested == "prv"
+    assert "mesh" in result.fallback and "rdp used" in result.fallback
+    assert result.value == epsilon_of(history, 1e-5)  # RDP's, exactly
+    with pytest.raises(PRVUnavailable, match="exceeds"):
+        prv_epsilon(history, 1e-5)
+    assert account([(0.0, 0.2, 1)], 1e-5, "prv").value == float("inf")  # no noise
+    assert account([], 1e-5, "prv").value == 0.0
+
+
+def test_planning_with_prv_reaches_the_target_and_the_ledger_holds_it(tmp_path: Path) -> None:
+    privacy = tiny_config(enabled=True, target_epsilon=3.0, accountant="prv").privacy
+    assert tiny_config().privacy.accountant == "rdp"  # the default
+    p = plan_privacy(privacy, num_examples=40, batch_size=8, local_steps=30, rounds=3)
+    rdp_sigma = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.2, steps=90, accountant="rdp"
+    )
+    assert (p.accountant, p.noise_accountant, p.accountant_fallback) == ("prv", "prv", "")
+    assert p.noise_multiplier < rdp_sigma  # less noise for the same budget
+    planned = opacus_prv_epsilon(p.noise_multiplier, 0.2, 90, 1e-5)
+    assert 3.0 - PLAN_EPSILON_TOLERANCE - 1e-6 <= planned <= 3.0
+    assert opacus_epsilon(p.noise_multiplier, 0.2, 90, 1e-5) > 3.0  # RDP would not admit it
+    # The ledger counts with the plan's accountant: the three planned rounds fit, a fourth not.
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    for server_round in (1, 2, 3):
+        decision = ledger.reserve(server_round, p)
+        assert decision.granted and decision.after_by.accountant == "prv"
+        ledger.complete(decision.entry, [(p.noise_multiplier, 0.2, 30)])
+    assert ledger.epsilon("prv") == pytest.approx(planned, rel=1e-9)
+    refused = ledger.reserve(4, p)
+    assert not refused.granted and "prv" in refused.reason
+    assert json.loads(ledger.path.read_text())["accountant"] == "prv (opacus)"
+
+
+def test_a_ledger_and_record_written_before_the_accountant_option_still_work(
+    tmp_path: Path,
+) -> None:
+    from server.model_card import privacy_card
+
+    path = tmp_path / "privacy-ledger.json"
+    path.write_text(  # exactly as a site wrote it before PRV existed
+        json.dumps(
+            {
+                "format": "fedmedsegdiff-privacy-ledger",
+                "version": 1,
+                "accountant": "rdp (opacus)",
+                "delta": 1e-5,
+                "entries": [
+                    {
+                        "id": "a" * 32,
+                        "round": 1,
+                        "noise_multiplier": 1.0,
+                        "sample_rate": 0.2,
+                        "steps": 10,
+                        "num_examples": 40,
+                        "status": "completed",
+                        "started_at": 1.0,
+                        "completed_at": 2.0,
+                    }
+                ],
+            }
+        )
+    )
+    ledger = PrivacyLedger(path)
+    assert ledger.account("rdp") == Epsilon(opacus_epsilon(1.0, 0.2, 10, 1e-5), "rdp", "rdp")
+    spent = ledger.account("prv").value
+    assert spent == pytest.approx(opacus_prv_epsilon(1.0, 0.2, 10, 1e-5))
+    decision = ledger.reserve(2, plan(1.0, 0.2, 10, 40, target_epsilon=1e9, accountant="prv"))
+    assert decision.granted and decision.spent == spent
+    ledger.complete(decision.entry, [(1.0, 0.2, 10)])
+    assert ledger.epsilon("prv") == pytest.approx(opacus_prv_epsilon(1.0, 0.2, 20, 1e-5))
+    assert [e.status for e in ledger.entries()] == ["completed", "completed"]
+
+    # An older privacy record has no accountant: it parses, and the model card says RDP.
+    old = {"enabled": True, "declined": False, "epsilon": 1.5, "delta": 1e-5, "num-examples": 40}
+    new = old | {"accountant": "prv", "accountant-fallback": ""}
+    assert PrivacyRecord.from_config(old).accountant is None
+    history = [
+        RoundRecord(
+            round=1,
+            sites_trained=["a", "b"],
+            privacy={"a": PrivacyRecord.from_config(old), "b": PrivacyRecord.from_config(new)},
+        )
+    ]
+    sites = privacy_card(tiny_config(), SimpleNamespace(history=history))["sites"]  # type: ignore[arg-type]
+    assert (sites["a"]["accountant"], sites["b"]["accountant"]) == ("rdp", "prv")
+
+
+def test_client_app_with_prv_trains_under_dp_and_reports_the_accountant(
+    fundus_sites: list[Path], tmp_path: Path
+) -> None:
+    from client import client_app
+
+    overrides = "federation.local_steps=2 train.batch_size=4 model.base_channels=8"
+    config = load_config(ROOT / "configs/federated-tiny.yaml", overrides.split())
+    node_config = {
+        "data-path": str(fundus_sites[1]),
+        "site-name": "hospital-b",
+        "state-dir": str(tmp_path / "hospital-b-state"),
+        "privacy.enabled": True,
+        "privacy.noise_multiplier": 1.0,
+        "privacy.target_epsilon": 50.0,
+        "privacy.accountant": "prv",
+        "privacy.grad_sample_mode": "vmap",
+    }
+    msg = Message(
+        content=RecordDict(
+            {
+                "arrays": ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict()),
+                "config": ConfigRecord({"server-round": 1}),
+            }
+        ),
+        metadata=Metadata(
+            run_id=1,
+            message_id="train-1",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type="train",
+        ),
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={"workdir": str(tmp_path / "work"), "overrides": overrides},
+    )
+    reply = client_app.train(msg, context)
+    privacy = PrivacyRecord.from_config(dict(reply.content["privacy"]))
+    assert privacy.enabled and not privacy.declined and "arrays" in reply.content.array_records
+    assert reply.content["metrics"]["train-steps"] == 2
+    assert privacy.accountant == "prv" and privacy.accountant_fallback == ""
+    q = 4 / 24
+    assert privacy.epsilon == pytest.approx(opacus_prv_epsilon(1.0, q, 2, default_delta(24)))
+    assert privacy.epsilon < opacus_epsilon(1.0, q, 2, default_delta(24))
+
+
+# --- realistic site sizes ---------------------------------------------------------------------
+
+
+def test_the_generator_writes_the_training_slices_asked_for(tmp_path: Path) -> None:
+    from client.site import builtin_sites_folder
+    from medsegdiff_core.cli import build_parser
+    from medsegdiff_core.data.synthetic import write_fundus_sites
+
+    cases = {"train": 2, "val": 1, "test": 0}
+    (site,) = write_fundus_sites(
+        tmp_path / "a", num_sites=1, cases=cases, size=16, train_slices_per_site=7
+    )
+    assert len(list((site / "train" / "images").glob("case-*.png"))) == 7
+    assert len(list((site / "val" / "masks").glob("case-*.png"))) == 1
+    assert json.loads((site / "site.json").read_text())["cases"]["train"] == 7
+    # The default is today's: 40 training slices, in the folder simulations always used.
+    assert parse_config({}).federation.simulated_train_slices == 40
+    assert builtin_sites_folder(3) == builtin_sites_folder(3, 40) == "synthetic-3"
+    assert builtin_sites_folder(3, 400) == "synthetic-3-train400"
+    args = build_parser().parse_args(["synth", "--train-slices-per-site", "400"])
+    assert args.train == 400 and build_parser().parse_args(["synth"]).train == 40
+    with pytest.raises(ConfigError, match=r"federation\.simulated_train_slices"):
+        parse_config({"federation": {"simulated_train_slices": 0}})

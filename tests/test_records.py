@@ -179,3 +179,15 @@ def test_an_unknown_or_invalid_field_is_a_one_line_error(parse, data, message) -
         parse(data)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert isinstance(caught.value, ValueError)  # callers that catch ValueError still do
+
+
+def test_the_accountant_of_a_privacy_record_is_typed_and_optional() -> None:
+    # DP_WIRE is a record as sites sent it before the accountant field: it parses without one.
+    assert PrivacyRecord.from_config(DP_WIRE).accountant is None
+    prv = DP_WIRE | {"accountant": "prv", "accountant-fallback": ""}
+    record = PrivacyRecord.from_config(prv)
+    assert record.accountant == "prv" and record.to_config() == prv
+    fallback = DP_WIRE | {"accountant": "rdp", "accountant-fallback": "prv mesh ...; rdp used"}
+    assert PrivacyRecord.from_config(fallback).accountant_fallback.endswith("rdp used")
+    with pytest.raises(RecordError, match="accountant: Input should be 'rdp' or 'prv'"):
+        PrivacyRecord.from_config(DP_WIRE | {"accountant": "moments"})

@@ -465,6 +465,7 @@ def write_fundus_sites(
     size: int = 128,
     seed: int = 0,
     progress: bool = False,
+    train_slices_per_site: int | None = None,
 ) -> list[Path]:
     """Write a synthetic multi-site fundus dataset in the generic folder layout.
 
@@ -481,11 +482,18 @@ def write_fundus_sites(
         size: Image side length in pixels.
         seed: Base seed; the same seed gives byte-identical files.
         progress: Show a progress bar.
+        train_slices_per_site: Training slices (cases: one 2-D image each) per site, the DP
+            unit; sets ``cases["train"]`` (default: ``cases``' own, 40 by default). Cases are
+            seeded per index, so 400 slices are the 40 of the default and 360 more.
 
     Returns:
         The site folders, in site order.
     """
     cases = dict(DEFAULT_CASES if cases is None else cases)
+    if train_slices_per_site is not None:
+        if train_slices_per_site < 0:
+            raise ValueError(f"train_slices_per_site is negative: {train_slices_per_site}")
+        cases["train"] = int(train_slices_per_site)
     for split, count in cases.items():
         if not split or Path(split).name != split or split.startswith("."):
             raise ValueError(f"split name {split!r} is not a plain folder name")
