@@ -199,4 +199,9 @@ def secure_update(msg: Message, context: Context, call_next: Handler) -> Message
             "claimed": claimed,
         }
     )
+    # Flower quantises the update with stochastic rounding drawn from NumPy's global generator,
+    # right after this returns. Seeded per (run seed, round, site), a re-run round after a crash
+    # quantises as the first attempt did; the rounding is not what keeps the update secret (the
+    # pairwise masks, from a cryptographic generator, are).
+    np.random.seed(site.seed(int(config["server-round"]), "quantization") % 2**32)
     return Message(content=out, reply_to=msg)

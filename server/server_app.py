@@ -13,6 +13,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -124,6 +125,15 @@ def _privacy_records(replies: list[Message]) -> dict[str, PrivacyRecord]:
 def initial_weights(config: ExperimentConfig) -> ArrayRecord:
     seed_everything(config.train.seed)
     return ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict())
+
+
+def in_model_order(config: ExperimentConfig, weights: dict[str, torch.Tensor]) -> ArrayRecord:
+    """Checkpointed weights in the network's state-dict order. safetensors stores keys sorted,
+    and secure aggregation sends the weights as an ordered list that each site names with its
+    own architecture's order: a resumed run must send them in that order too."""
+    with torch.device("meta"):  # the keys only: no memory, and no draw from the RNG
+        keys = MedSegDiffUNet(config.unet_spec()).state_dict().keys()
+    return ArrayRecord({key: weights[key] for key in keys})
 
 
 def _site_metrics(replies: list[Message], server_round: int) -> dict[str, SiteMetrics]:
@@ -411,7 +421,7 @@ def main(grid: Grid, context: Context) -> None:
     workdir = resolve_workdir(context.run_config.get("workdir") or None)
     store = RunStore(workdir / "runs" / config.name, config)
     state, weights = store.load()
-    arrays = ArrayRecord(weights) if weights is not None else initial_weights(config)
+    arrays = in_model_order(config, weights) if weights is not None else initial_weights(config)
     if state.completed_round:
         log(
             INFO,

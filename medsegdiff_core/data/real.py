@@ -82,7 +82,10 @@ def _download_sdist(into: Path) -> Path:
         "-d",
         str(into),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # pip may print non-ASCII (progress bars) where the locale is plain ASCII, as in CI
+    result = subprocess.run(
+        command, capture_output=True, encoding="utf-8", errors="replace", timeout=900
+    )
     sdists = sorted(into.glob(f"pyradiomics-{PYRADIOMICS_VERSION}.tar.gz"))
     if result.returncode != 0 or not sdists:
         lines = (result.stderr or result.stdout).strip().splitlines()
