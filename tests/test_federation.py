@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from flower_simulation import start_script, write_simulation
+from PIL import Image
 from safetensors.torch import load_file
 
 from server.local_simulation import processes_naming, run_local
@@ -79,6 +80,13 @@ def test_flwr_run_checkpoints_every_round_and_releases(flwr_run: Path) -> None:
     final = load_file(str(release / "model.safetensors"))
     round2 = load_file(str(run_dir / "round-0002.safetensors"))
     assert all(torch.equal(final[k], round2[k]) for k in final)
+    # the real run's training-history plot: in the run folder, and the same bytes signed into the
+    # release (listed in its manifest)
+    plot = run_dir / "training-history.png"
+    assert plot.read_bytes() == (release / "training-history.png").read_bytes()
+    assert "training-history.png" in (release / "manifest.json").read_text()
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size == (900, 600)  # loss and Dice; no DP panel
 
 
 def test_release_verified_then_tampering_refused(flwr_run: Path, tmp_path: Path) -> None:
