@@ -15,10 +15,19 @@
   x ``--local-steps`` steps) at each sample rate of ``--sample-rates`` (default 0.2 and 0.016),
   epsilon under Opacus' RDP and PRV accountants side by side and their ratio, and the noise
   each would plan for the ``--epsilons`` targets (what ``privacy.accountant`` changes).
+* ``--part pretrain`` (not in ``all``): a public model, trained centrally (``training.fit``,
+  what ``medsegdiff train`` runs) for ``--pretrain-steps`` steps on the built-in public set
+  (``write_public_fundus``: ``--public-cases`` cases disjoint from every site's, in a shifted
+  style), signed as release ``--public-name`` under ``--work``/releases with a key of its own
+  (``--work``/keys/public-signing.pem), and its Dice on every built-in site's test split before
+  any fine-tuning. It prints the ``--initial-release`` and ``--public-key`` to pass on.
+* ``--initial-release PATH --public-key PATH``: the utility runs start from that signed release
+  (``federation.initial_release``) instead of a random initialisation.
 
-Run: python bench/privacy.py [--part overhead|utility|accounting|all] [--preset small --size 64
-     --batch 8] [--modes vmap,hooks,functorch,ghost] [--rounds 25 --local-steps 16]
+Run: python bench/privacy.py [--part overhead|utility|accounting|pretrain|all] [--preset small
+     --size 64 --batch 8] [--modes vmap,hooks,functorch,ghost] [--rounds 25 --local-steps 16]
      [--train-slices-per-site 40] [--accountant rdp|prv] [--noise 1.0 --sample-rates 0.2,0.016]
+     [--initial-release PATH --public-key PATH] [--pretrain-steps 400 --public-cases 200]
      [--json runs/x.json]
 """
 
@@ -246,7 +255,7 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
     for index, (name, privacy) in enumerate(arms.items()):
         overrides = (
             f"federation.rounds={args.rounds} federation.local_steps={args.local_steps} "
-            f"federation.evaluate_every={args.rounds} {privacy}"
+            f"federation.evaluate_every={args.rounds} {privacy}{initial_release_overrides(args)}"
         )
         start = time.monotonic()
         run_dir = run_federated(
@@ -270,6 +279,82 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
         cells = " ".join(f"{value['dice'][f'site-{k}']:>8.4f}" for k in range(SITES))
         print(f"{name:<14} {cells} {value['dice']['mean']:>8.4f}")
     return results
+
+
+def initial_release_overrides(args: argparse.Namespace) -> str:
+    """The federated runs' starting release (``--initial-release``), as config overrides."""
+    if args.initial_release is None:
+        return ""
+    if args.public_key is None:
+        sys.exit("--initial-release needs --public-key: the key that must verify it")
+    return (
+        f" federation.initial_release={args.initial_release.resolve()}"
+        f" federation.initial_release_public_key={args.public_key.resolve()}"
+    )
+
+
+# --- pretrain ---------------------------------------------------------------------------------
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Train a public model centrally on the public set, sign it, score it on the sites."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from federated import builtin_tests, score, train_central
+
+    from medsegdiff_core.data.synthetic import PUBLIC_STYLE, write_public_fundus
+    from medsegdiff_core.release import (
+        generate_signing_key,
+        load_private_key,
+        passphrase_from_env,
+        public_path,
+        write_release,
+    )
+
+    config = load_config(ROOT / args.experiment)
+    workdir = args.work.resolve()
+    public = write_public_fundus(workdir / "data" / "public", args.public_cases)
+    _, tests = builtin_tests(workdir, config, train_slices=args.train_slices_per_site)
+    print(
+        f"bench/privacy pretrain: {args.experiment}, {args.pretrain_steps} central steps on "
+        f"{args.public_cases} public cases ({PUBLIC_STYLE.name})",
+        flush=True,
+    )
+    start = time.monotonic()
+    checkpoint = train_central(
+        config, [public / "train"], args.pretrain_steps, workdir / "pretrain" / args.public_name
+    )
+    seconds = time.monotonic() - start
+    key = workdir / "keys" / "public-signing.pem"
+    if not key.exists():
+        generate_signing_key(key, passphrase_from_env())
+    card = {
+        "summary": f"MedSegDiff ({config.model.preset} preset) trained centrally on the "
+        "built-in public synthetic fundus set; no site's images",
+        "training": {
+            "steps": args.pretrain_steps,
+            "public_cases": args.public_cases,
+            "public_style": PUBLIC_STYLE.name,
+            "batch_size": config.train.batch_size,
+            "lr": config.train.lr,
+        },
+    }
+    release = write_release(
+        checkpoint,
+        workdir / "releases",
+        args.public_name,
+        card,
+        load_private_key(key, passphrase_from_env()),
+    )
+    dice = score(release / "model.json", tests, config)
+    cells = "  ".join(f"{site} {value:.4f}" for site, value in dice.items())
+    print(f"public model, before fine-tuning: Dice {cells}")
+    print(f"signed {release}; pass --initial-release {release} --public-key {public_path(key)}")
+    return {
+        "release": str(release),
+        "public_key": str(public_path(key)),
+        "dice": dice,
+        "train_seconds": seconds,
+    }
 
 
 # --- accounting -------------------------------------------------------------------------------
@@ -350,7 +435,9 @@ def accounting(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--part", choices=["overhead", "utility", "accounting", "all"], default="overhead"
+        "--part",
+        choices=["overhead", "utility", "accounting", "pretrain", "all"],
+        default="overhead",
     )
     parser.add_argument("--preset", default="small")
     parser.add_argument("--size", type=int, default=64)
@@ -377,6 +464,13 @@ def main() -> None:
     parser.add_argument("--sample-rates", default="0.2,0.016", help="accounting: q values")
     parser.add_argument("--delta", type=float, default=1e-5, help="accounting: delta")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-privacy")
+    parser.add_argument(
+        "--initial-release", type=Path, help="utility: start the federated runs from this release"
+    )
+    parser.add_argument("--public-key", type=Path, help="the key that must verify it")
+    parser.add_argument("--pretrain-steps", type=int, default=400, help="pretrain: central steps")
+    parser.add_argument("--public-cases", type=int, default=200, help="pretrain: public cases")
+    parser.add_argument("--public-name", default="fundus-public", help="pretrain: release name")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:
@@ -388,6 +482,8 @@ def main() -> None:
         results["overhead"] = overhead(args)
     if args.part in ("accounting", "all"):
         results["accounting"] = accounting(args)
+    if args.part == "pretrain":
+        results["pretrain"] = pretrain(args)
     if args.part in ("utility", "all"):
         results["utility"] = utility(args)
     if args.json:

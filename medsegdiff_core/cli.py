@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=8, help="validation cases per site")
     synth.add_argument("--test", type=int, default=12, help="test cases per site")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--public",
+        action="store_true",
+        help="write the public pretraining set instead (OUT/public: --train training and --val "
+        "validation cases, disjoint from every site's and in a shifted style; --sites and "
+        "--test are not used)",
+    )
 
     train = sub.add_parser("train", help="train centrally from a YAML config")
     train.add_argument("--config", type=Path, required=True)
@@ -136,8 +143,19 @@ def _inference_config(args: argparse.Namespace, defaults):
 
 
 def _run_synth(args: argparse.Namespace) -> None:
-    from .data.synthetic import write_fundus_sites
+    from .data.synthetic import write_fundus_sites, write_public_fundus
 
+    if args.public:
+        public = write_public_fundus(
+            args.out / "public",
+            args.train,
+            val=args.val,
+            size=args.size,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+        print(f"wrote {public}")
+        return
     sites = write_fundus_sites(
         args.out,
         num_sites=args.sites,

@@ -220,6 +220,21 @@ class FederationConfig(_Section):
     )
     round_timeout_s: float = Field(3600.0, gt=0)
     release_name: str = Field("fedmedsegdiff", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    initial_release: str | None = Field(
+        None,
+        description="start round 1 from this signed release's weights instead of a random "
+        "initialisation: a release folder <name>-v<N> (relative paths are taken from the "
+        "workdir), verified with initial_release_public_key as `predict --release` verifies "
+        "one (signature, every file's digest, the manifest's name and version matching the "
+        "folder's) and whose architecture must be the experiment's model; a resumed run "
+        "continues from its own checkpoint and refuses another starting release than the one "
+        "state.json records. None: random initialisation (train.seed)",
+    )
+    initial_release_public_key: str | None = Field(
+        None,
+        description="the Ed25519 public key (PEM) that must verify initial_release; required "
+        "when initial_release is set (relative paths are taken from the workdir)",
+    )
     max_weight: int | None = Field(
         None,
         ge=1,
@@ -265,6 +280,15 @@ class FederationConfig(_Section):
         description="SecAgg+: quantisation levels in [-quantization_clip, quantization_clip]; "
         "sites x quantization_range must stay below 2**32 (the masks' modulus)",
     )
+
+    @model_validator(mode="after")
+    def _initial_release_has_its_key(self) -> FederationConfig:
+        if self.initial_release is not None and self.initial_release_public_key is None:
+            raise ValueError(
+                "federation.initial_release_public_key is required when "
+                "federation.initial_release is set (the public key that must verify the release)"
+            )
+        return self
 
     @field_validator("reconstruction_threshold")
     @classmethod

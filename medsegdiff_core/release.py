@@ -233,6 +233,7 @@ class VerifiedRelease:
     path: Path
     manifest: dict[str, Any]
     files: dict[str, bytes]
+    manifest_sha256: str = ""  # of the signed manifest bytes: names exactly this release
 
     @property
     def name(self) -> str:
@@ -288,7 +289,7 @@ def verify_release(release: Path, public_key: Ed25519PublicKey) -> VerifiedRelea
     )
     if unexpected:
         raise ReleaseError(f"{release / unexpected[0]}: file not in the signed manifest")
-    return VerifiedRelease(release, manifest, files)
+    return VerifiedRelease(release, manifest, files, hashlib.sha256(manifest_bytes).hexdigest())
 
 
 def _key_id(public_key: Ed25519PublicKey) -> str:
@@ -346,7 +347,11 @@ def load_release(
 ) -> LoadedModel:
     """Verify a release with the trusted key, check that it is the release the site expects
     (``expected_name``, and no older than the newest version ``trust`` has seen unless
-    ``allow_older``), then build its model from the verified bytes."""
+    ``allow_older``), then build its model from the verified bytes.
+
+    ``metadata["release_identity"]`` names exactly what was verified: name, version, the sha256
+    of the signed manifest and the verifying key's fingerprint (a federation that starts from
+    a release records it, ``federation.initial_release``)."""
     public_key = load_public_key(public_key_path)
     verified = verify_release(release, public_key)
     if verified.name != expected_name:
@@ -373,6 +378,12 @@ def load_release(
         device=device,
     )
     loaded.metadata["release"] = json.loads(_release_file(verified, "model-card.json"))
+    loaded.metadata["release_identity"] = {
+        "name": verified.name,
+        "version": verified.version,
+        "manifest_sha256": verified.manifest_sha256,
+        "signing_key": key_id,  # sha256 of the raw public key, first 16 hex digits
+    }
     if TRAINING_HISTORY in verified.files:  # the verified bytes; absent from older releases
         loaded.metadata["training_history"] = verified.files[TRAINING_HISTORY]
     if trust is not None:

@@ -1,7 +1,8 @@
 """The model card of a release: what a hospital should know before running the model.
 
 Built from the run's history (:class:`~medsegdiff_core.records.RoundRecord`, as ``state.json``
-keeps it): the sites and their examples, the last federated evaluation, each site's privacy
+keeps it): what round 1 started from (a signed release or a random initialisation), the sites
+and their examples, the last federated evaluation, each site's privacy
 guarantee as the site reported it, central DP, and how the rounds went.
 """
 
@@ -26,10 +27,13 @@ def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet)
         for site, metrics in record.site_train.items():
             sites[site] = metrics.num_examples or 0
     fed = config.federation
+    start = initialisation_card(config, state)
     return {
         "summary": (
             f"MedSegDiff ({config.model.preset} preset) trained with Flower across "
-            f"{len(sites)} sites; no images left any site."
+            f"{len(sites)} sites"
+            + (f", starting from {start['from']}" if "name" in start else "")
+            + "; no images left any site."
         ),
         "model": {
             "preset": config.model.preset,
@@ -38,6 +42,7 @@ def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet)
             "classes": config.data.classes,
             "parameters": sum(p.numel() for p in model.parameters()),
         },
+        "initialisation": start,
         "training": {
             "strategy": fed.strategy,
             "proximal_mu": fed.proximal_mu if fed.strategy == "fedprox" else None,
@@ -62,6 +67,22 @@ def model_card(config: ExperimentConfig, state: RunState, model: MedSegDiffUNet)
         },
         "privacy": privacy_card(config, state),
         "rounds": round_counts(state.history).to_json(),
+    }
+
+
+def initialisation_card(config: ExperimentConfig, state: RunState) -> dict[str, Any]:
+    """What round 1 started from: the signed release (``federation.initial_release``, as
+    ``state.json`` records it: name, version, the sha256 of its signed manifest and the
+    fingerprint of the key that verified it), or a random initialisation."""
+    start = getattr(state, "initial_release", None)
+    if start is None:
+        return {"from": f"random initialisation (train.seed {config.train.seed})"}
+    return {
+        "from": f"release {start['name']} v{start['version']}",
+        "name": start["name"],
+        "version": start["version"],
+        "manifest_sha256": start["manifest_sha256"],
+        "signing_key": start["signing_key"],
     }
 
 

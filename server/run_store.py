@@ -5,7 +5,8 @@ Layout of ``<workdir>/runs/<experiment name>/``::
     round-0003.{safetensors,json}   the global model after round 3, a full checkpoint (the
                              last ``keep`` rounds are kept; any can be released on demand)
     momentum-0003.safetensors   the server's momentum after round 3 (when it uses momentum)
-    state.json               completed round, metric history, config digest — the commit point
+    state.json               completed round, metric history, config digest, the release
+                             round 1 started from (if any) — the commit point
     training-history.png     train loss, validation Dice (and DP epsilon) per round and site,
                              redrawn after every committed round (:mod:`medsegdiff_core.plots`)
     final/model.{safetensors,json}   the final model as a checkpoint, when the run is done
@@ -52,8 +53,12 @@ from medsegdiff_core.release import TRAINING_HISTORY
 
 from .secure_aggregation import parameters
 
-# Settings that may change between a crash and the restart without changing the run.
-_RESUMABLE_FIELDS = {"federation": {"rounds", "round_timeout_s"}}
+# Settings that may change between a crash and the restart without changing the run. The
+# starting release is named by paths (which may move); what it was is recorded in state.json
+# (``initial_release``) and checked on resume by the server instead.
+_RESUMABLE_FIELDS = {
+    "federation": {"rounds", "round_timeout_s", "initial_release", "initial_release_public_key"}
+}
 # Settings added after runs began to be digested: left out of the digest while they are at
 # their defaults, so that runs begun before they existed still resume.
 _ADDED_FIELDS = {
@@ -105,6 +110,9 @@ class RunState:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The server's momentum after ``completed_round`` (empty without momentum).
     velocity: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The signed release round 1 started from (name, version, manifest_sha256, signing_key,
+    # path); None: a random initialisation (and every run begun before this was recorded).
+    initial_release: dict[str, Any] | None = None
 
 
 class RunStore:
@@ -149,6 +157,7 @@ class RunStore:
             raise CheckpointError(str(exc)) from None
         state = RunState(saved["completed_round"], history)
         state.uid = saved.get("uid") or state.uid
+        state.initial_release = saved.get("initial_release")
         if self.momentum_path(state.completed_round).exists():
             state.velocity = load_tensors(self.momentum_path(state.completed_round))
         weights = load_tensors(self.weights_path(state.completed_round))
@@ -182,6 +191,8 @@ class RunStore:
         }
         if (secure := secure_aggregation_settings(self.config)) is not None:
             payload["secure_aggregation"] = secure
+        if state.initial_release is not None:
+            payload["initial_release"] = state.initial_release
         atomic_write_bytes(self.state_path, json.dumps(payload, indent=2).encode())
         self.write_training_history(state.history)
         for old in sorted(self.directory.glob("round-*.safetensors"))[: -self.keep]:

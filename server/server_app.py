@@ -1,5 +1,6 @@
-"""The Flower ServerApp: federated rounds with FedAvg or FedProx, a checkpoint every round,
-resume after a crash, and a signed model release at the end.
+"""The Flower ServerApp: federated rounds with FedAvg or FedProx, started from a random
+initialisation or a verified public release, a checkpoint every round, resume after a crash, and
+a signed model release at the end.
 
 The round loop is ours (so that it can start at any round and screen updates); configuring and
 averaging are Flower's own strategies.
@@ -8,6 +9,7 @@ averaging are Flower's own strategies.
 from __future__ import annotations
 
 import math
+import re
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -20,13 +22,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from medsegdiff_core.checkpoint import save_experiment_checkpoint
+from medsegdiff_core.checkpoint import check_architecture, save_experiment_checkpoint
 from medsegdiff_core.config import (
     ExperimentConfig,
     FederationConfig,
     config_from_run_config,
     resolve_workdir,
 )
+from medsegdiff_core.errors import CheckpointError
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.records import (
     NUM_EXAMPLES,
@@ -43,8 +46,10 @@ from medsegdiff_core.records import (
 from medsegdiff_core.release import (
     PASSPHRASE_ENV,
     TRAINING_HISTORY,
+    ReleaseError,
     generate_signing_key,
     load_private_key,
+    load_release,
     passphrase_from_env,
     public_path,
     write_release,
@@ -125,6 +130,123 @@ def _privacy_records(replies: list[Message]) -> dict[str, PrivacyRecord]:
 def initial_weights(config: ExperimentConfig) -> ArrayRecord:
     seed_everything(config.train.seed)
     return ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict())
+
+
+_RELEASE_FOLDER = re.compile(r"(.+)-v(\d+)")
+
+
+def workdir_path(workdir: Path, value: str) -> Path:
+    """A path from the config: absolute, or taken from the workdir."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else workdir / path
+
+
+def describe_start(start: dict[str, Any] | None) -> str:
+    """How a run's round 1 began, in words (state.json's ``initial_release``, or None)."""
+    if start is None:
+        return "a random initialisation"
+    return (
+        f"release {start['name']} v{start['version']} "
+        f"(manifest sha256 {str(start['manifest_sha256'])[:16]}...)"
+    )
+
+
+def release_weights(config: ExperimentConfig, workdir: Path) -> tuple[ArrayRecord, dict[str, Any]]:
+    """Round 1's weights from ``federation.initial_release``, and what state.json and the model
+    card record of that release.
+
+    The release is verified as ``medsegdiff predict --release`` verifies one
+    (:func:`~medsegdiff_core.release.load_release`: the signature with
+    ``federation.initial_release_public_key``, every file's digest, the manifest's name, here
+    the one its folder ``<name>-v<N>`` is named with, and its version that N); the model is
+    built from the verified bytes and must have the experiment's architecture. Every failure is
+    one :class:`ReleaseError` line naming the release.
+    """
+    fed = config.federation
+    assert fed.initial_release is not None and fed.initial_release_public_key is not None
+    path = workdir_path(workdir, fed.initial_release)
+    where = f"federation.initial_release {path}"
+    folder = _RELEASE_FOLDER.fullmatch(path.name)
+    if folder is None:
+        raise ReleaseError(f"{where}: not a release folder (named <name>-v<N>, as releases are)")
+    if not path.is_dir():
+        raise ReleaseError(f"{where}: release folder not found")
+    try:
+        loaded = load_release(
+            path,
+            workdir_path(workdir, fed.initial_release_public_key),
+            expected_name=folder.group(1),
+        )
+    except CheckpointError as exc:
+        raise ReleaseError(f"federation.initial_release: {exc}") from None
+    identity = dict(loaded.metadata["release_identity"])
+    named = f"{identity['name']} v{identity['version']}"
+    if identity["version"] != int(folder.group(2)):
+        raise ReleaseError(
+            f"{where}: the signed manifest is {named}, not the folder's v{folder.group(2)}"
+        )
+    try:
+        check_architecture(loaded.spec, config.unet_spec(), source=f"{where} ({named})")
+    except CheckpointError as exc:
+        raise ReleaseError(str(exc)) from None
+    weights = in_model_order(config, loaded.model.state_dict())
+    return weights, identity | {"path": str(path)}
+
+
+def check_resumed_start(
+    config: ExperimentConfig, workdir: Path, state: RunState, source: Path
+) -> None:
+    """A resumed run continues from its own checkpoint; refuse a config that names another
+    starting point than the one ``state.json`` records (the same release moved elsewhere, by
+    its signed manifest's digest, is the same starting point)."""
+    recorded = state.initial_release
+    configured = config.federation.initial_release
+    if configured is None and recorded is None:
+        return
+    if (
+        recorded is not None
+        and configured is not None
+        and str(workdir_path(workdir, configured)) == recorded.get("path")
+    ):
+        return
+    now = release_weights(config, workdir)[1] if configured is not None else None
+    if (
+        now is not None
+        and recorded is not None
+        and now["manifest_sha256"] == recorded.get("manifest_sha256")
+    ):
+        return
+    raise CheckpointError(
+        f"{source}: this run started from {describe_start(recorded)}, but "
+        f"federation.initial_release now starts from {describe_start(now)}; a resumed run keeps "
+        "its starting point: restore the setting, or give the experiment another name"
+    )
+
+
+def starting_weights(
+    config: ExperimentConfig,
+    workdir: Path,
+    state: RunState,
+    weights: dict[str, torch.Tensor] | None,
+    store: RunStore,
+) -> ArrayRecord:
+    """The global model the next round starts from: the run's own checkpoint when it resumes,
+    else ``federation.initial_release`` (recorded in ``state``), else a random initialisation."""
+    if weights is not None:
+        check_resumed_start(config, workdir, state, store.state_path)
+        return in_model_order(config, weights)
+    if config.federation.initial_release is None:
+        state.initial_release = None
+        return initial_weights(config)
+    seed_everything(config.train.seed)  # the server's own draws, as from a random start
+    arrays, state.initial_release = release_weights(config, workdir)
+    log(
+        INFO,
+        "round 1 starts from %s at %s",
+        describe_start(state.initial_release),
+        state.initial_release["path"],
+    )
+    return arrays
 
 
 def in_model_order(config: ExperimentConfig, weights: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -421,7 +543,7 @@ def main(grid: Grid, context: Context) -> None:
     workdir = resolve_workdir(context.run_config.get("workdir") or None)
     store = RunStore(workdir / "runs" / config.name, config)
     state, weights = store.load()
-    arrays = in_model_order(config, weights) if weights is not None else initial_weights(config)
+    arrays = starting_weights(config, workdir, state, weights, store)
     if state.completed_round:
         log(
             INFO,

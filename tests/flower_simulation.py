@@ -10,8 +10,9 @@ under secure aggregation it drops out after sending its key shares).
 
 Test instruments, all off by default: ``server_runs`` runs the ServerApp once per entry, each
 with the run config updated by it (several runs in one simulation); ``tap`` is a folder where
-each site's trained weights are saved, before the train mods see them; ``record`` is a file
-where the server's grid writes what every train reply it receives holds.
+each site's trained weights are saved, before the train mods see them; ``received`` is a
+folder where each site saves the global weights a train message brought it, before training;
+``record`` is a file where the server's grid writes what every train reply it receives holds.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ POISON = {poison!r}
 FAILING = {failing!r}
 SERVER_RUNS = {server_runs!r}
 TAP = {tap!r}
+RECEIVED = {received!r}
 RECORD = {record!r}
 
 client = ClientApp()
@@ -77,6 +79,11 @@ def train(msg, context):
     server_round = int(msg.content["config"]["server-round"])
     if server_round in FAILING.get(partition, ()):
         raise RuntimeError(f"partition {{partition}} fails in round {{server_round}}")
+    if RECEIVED:
+        import numpy as np
+        run = msg.content["config"]["run-uid"]
+        arrays = {{k: v.numpy() for k, v in msg.content["arrays"].items()}}
+        np.savez(f"{{RECEIVED}}/{{run}}-{{server_round}}-{{partition}}.npz", **arrays)
     reply = client_app.train(msg, context_for(context, node=True))
     if TAP:
         import numpy as np
@@ -149,6 +156,7 @@ def write_simulation(
     failing: Mapping[int, tuple[int, ...]] | None = None,
     server_runs: list[Mapping[str, Any]] | None = None,
     tap: Path | None = None,
+    received: Path | None = None,
     record: Path | None = None,
     num_supernodes: int = 3,
 ) -> Path:
@@ -162,6 +170,7 @@ def write_simulation(
             failing={k: tuple(v) for k, v in (failing or {}).items()},
             server_runs=[dict(r) for r in (server_runs or [{}])],
             tap=str(tap) if tap else None,
+            received=str(received) if received else None,
             record=str(record) if record else None,
             num_supernodes=num_supernodes,
         )

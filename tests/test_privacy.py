@@ -6,13 +6,17 @@
   rate and step count; the ledger survives a new ClientApp each round (it lives on disk).
 * A site at its budget declines, through the real ClientApp handler with real Flower messages,
   and in a real Flower simulation, where the server goes on with the other sites and the
-  release's model card states each site's final epsilon and delta.
+  release's model card states each site's final epsilon and delta. That simulation starts from
+  a signed public release (``federation.initial_release``): round 1's global weights are the
+  release's, and the card names it; a release that fails verification or has another
+  architecture is refused with one line naming it.
 * Bad settings are one-line errors naming the key.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from flower_simulation import write_simulation
@@ -31,9 +36,10 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
 from client.privacy_state import with_site_privacy
+from medsegdiff_core.checkpoint import save_experiment_checkpoint
 from medsegdiff_core.config import ExperimentConfig, load_config, parse_config
 from medsegdiff_core.diffusion import diffusion_loss
-from medsegdiff_core.errors import ConfigError
+from medsegdiff_core.errors import CheckpointError, ConfigError
 from medsegdiff_core.model import MedSegDiffUNet
 from medsegdiff_core.privacy import (
     PLAN_EPSILON_TOLERANCE,
@@ -52,6 +58,13 @@ from medsegdiff_core.privacy import (
     prv_epsilon,
 )
 from medsegdiff_core.records import PrivacyRecord, RoundRecord
+from medsegdiff_core.release import (
+    ReleaseError,
+    generate_signing_key,
+    load_private_key,
+    public_path,
+    write_release,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -446,8 +459,34 @@ def test_client_app_reports_opacus_epsilon_and_declines_at_budget(
 # --- a real Flower simulation ----------------------------------------------------------------
 
 
+def write_tiny_release(
+    root: Path, key: Path, config: ExperimentConfig, *, name: str = "public-tiny", seed: int = 1234
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A signed release (``root/<name>-v1``, signed by ``key``, created if missing) of a model of
+    ``config``'s architecture at a random initialisation of its own ``seed``; and its weights."""
+    torch.manual_seed(seed)
+    model = MedSegDiffUNet(config.unet_spec())
+    checkpoint = save_experiment_checkpoint(
+        root.parent / f".{name}-checkpoint" / "model", model, config
+    )
+    if not key.exists():
+        generate_signing_key(key)
+    card = {"summary": "a public model for the tests"}
+    release = write_release(checkpoint, root, name, card, load_private_key(key), version=1)
+    return release, {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: Path) -> None:
+    from server.server_app import initial_weights
+
     workdir = tmp_path / "work"
+    federated = load_config(ROOT / "configs" / "federated-tiny.yaml")
+    # The run starts from a public release in the workdir (a relative path is taken from there),
+    # signed by a key of its own, not the server's release key.
+    key = tmp_path / "public-key" / "signing.pem"
+    release, public_weights = write_tiny_release(workdir / "releases", key, federated)
+    received = tmp_path / "received"
+    received.mkdir()
     steps, n, batch = 4, 40, 8
     q, delta = batch / n, default_delta(n)
     node_config = {
@@ -462,12 +501,15 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     overrides = (
         f"federation.rounds=2 federation.local_steps={steps} inference.sampling_steps=3 "
         "inference.ensemble=2 privacy.central=true privacy.central_clipping_norm=10 "
-        "privacy.central_noise_multiplier=0.0001"
+        "privacy.central_noise_multiplier=0.0001 "
+        "federation.initial_release=releases/public-tiny-v1 "
+        f"federation.initial_release_public_key={public_path(key)}"
     )
     script = write_simulation(
         tmp_path / "dp-sim.py",
         {"workdir": str(workdir), "overrides": overrides},
         node_config=node_config,
+        received=received,
     )
     result = subprocess.run(
         [sys.executable, str(script)],
@@ -480,8 +522,27 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "round 2: site-1 declined to train: privacy budget" in output
+    assert "round 1 starts from release public-tiny v1" in output
+
+    # Round 1's global weights, as every site received them, are the release's exactly: not the
+    # random initialisation the run would otherwise have started from; round 2's are trained.
+    random_start = initial_weights(federated).to_torch_state_dict()
+    assert any(not torch.equal(random_start[k], v) for k, v in public_weights.items())
+    for site in range(3):
+        (first_round,) = received.glob(f"*-1-{site}.npz")
+        with np.load(first_round) as arrays:
+            assert set(arrays.files) == set(public_weights)
+            for name, value in public_weights.items():
+                np.testing.assert_array_equal(arrays[name], value.numpy())
+    (second_round,) = received.glob("*-2-0.npz")
+    with np.load(second_round) as arrays:
+        assert any(not np.array_equal(arrays[k], v.numpy()) for k, v in public_weights.items())
 
     state = json.loads((workdir / "runs" / "federated-tiny" / "state.json").read_text())
+    manifest_sha256 = hashlib.sha256((release / "manifest.json").read_bytes()).hexdigest()
+    assert state["initial_release"]["name"] == "public-tiny"
+    assert state["initial_release"]["version"] == 1
+    assert state["initial_release"]["manifest_sha256"] == manifest_sha256
     first, second = state["history"]
     assert first["sites_trained"] == ["site-0", "site-1", "site-2"] and not first["declined"]
     assert second["sites_trained"] == ["site-0", "site-2"]  # the server went on without site-1
@@ -491,6 +552,11 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     assert second["central_dp"] == {"sites_sampled": 3, "updates_averaged": 2}
 
     card = json.loads((workdir / "releases" / "fundus-tiny-v1" / "model-card.json").read_text())
+    start = card["initialisation"]
+    assert start["from"] == "release public-tiny v1" and start["version"] == 1
+    assert start["name"] == "public-tiny" and start["manifest_sha256"] == manifest_sha256
+    assert start["signing_key"] == state["initial_release"]["signing_key"]
+    assert "starting from release public-tiny v1" in card["summary"]
     sites = card["privacy"]["sites"]
     sigma0 = get_noise_multiplier(
         target_epsilon=8.0, target_delta=delta, sample_rate=q, steps=2 * steps, accountant="rdp"
@@ -505,6 +571,123 @@ def test_simulation_site_at_budget_declines_and_card_states_epsilons(tmp_path: P
     assert central["noisy_rounds"] == 2 and central["epsilon"] > 0
     assert central["sites_sampled_per_round"] == [3, 3]
     assert "server itself" in central["does_not_protect"]
+
+
+# --- starting from a public release ----------------------------------------------------------
+
+
+def starting_config(release: object, key: object, **model: object) -> ExperimentConfig:
+    return parse_config(
+        {
+            "model": {"preset": "tiny", "image_size": 32, "base_channels": 8} | model,
+            "federation": {"initial_release": str(release), "initial_release_public_key": str(key)},
+        }
+    )
+
+
+def test_an_initial_release_needs_its_key_and_is_verified_before_use(tmp_path: Path) -> None:
+    from server.server_app import release_weights
+
+    with pytest.raises(ConfigError, match=r"federation\.initial_release_public_key is required"):
+        parse_config({"federation": {"initial_release": "releases/public-v1"}})
+    key, other = tmp_path / "keys" / "public.pem", tmp_path / "keys" / "other.pem"
+    generate_signing_key(other)
+    release, weights = write_tiny_release(tmp_path / "releases", key, tiny_config())
+
+    arrays, identity = release_weights(starting_config(release, public_path(key)), tmp_path)
+    assert all(torch.equal(v, weights[k]) for k, v in arrays.to_torch_state_dict().items())
+    assert identity["name"] == "public-tiny" and identity["version"] == 1
+    digest = hashlib.sha256((release / "manifest.json").read_bytes()).hexdigest()
+    assert identity["manifest_sha256"] == digest and identity["path"] == str(release)
+    # relative paths are taken from the workdir
+    relative = starting_config("releases/public-tiny-v1", "keys/public.pem.pub")
+    assert release_weights(relative, tmp_path)[1] == identity
+
+    def refused(config: ExperimentConfig, *patterns: str) -> None:
+        with pytest.raises(ReleaseError) as caught:
+            release_weights(config, tmp_path)
+        message = str(caught.value)
+        assert "\n" not in message and str(release) in message, message
+        for pattern in patterns:
+            assert pattern in message, message
+
+    refused(
+        starting_config(release, public_path(key), base_channels=16),
+        "public-tiny v1",
+        "another architecture",
+        "base_channels is 8, expected 16",
+    )
+    refused(starting_config(release, public_path(other)), "signature does not verify")
+    # a signed v1 passed off as v2 by its folder's name
+    renamed = release.rename(tmp_path / "releases" / "public-tiny-v2")
+    with pytest.raises(ReleaseError, match="manifest is public-tiny v1, not the folder's v2"):
+        release_weights(starting_config(renamed, public_path(key)), tmp_path)
+    renamed.rename(release)
+    weights_file = release / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes() + b"x")
+    refused(starting_config(release, public_path(key)), "model.safetensors", "sha256 differs")
+
+
+def test_a_resumed_run_keeps_the_release_it_started_from(tmp_path: Path) -> None:
+    from server.server_app import check_resumed_start, release_weights
+
+    key = tmp_path / "keys" / "public.pem"
+    first, _ = write_tiny_release(tmp_path / "releases", key, tiny_config())
+    second, _ = write_tiny_release(tmp_path / "releases", key, tiny_config(), name="other")
+    state_path = tmp_path / "runs" / "x" / "state.json"
+    _, recorded = release_weights(starting_config(first, public_path(key)), tmp_path)
+
+    def resume(config: ExperimentConfig, start: dict | None) -> None:
+        state = SimpleNamespace(initial_release=start)
+        check_resumed_start(config, tmp_path, state, state_path)  # type: ignore[arg-type]
+
+    resume(starting_config(first, public_path(key)), recorded)
+    (tmp_path / "elsewhere").mkdir()
+    moved = first.rename(tmp_path / "elsewhere" / first.name)  # the same release, moved
+    resume(starting_config(moved, public_path(key)), recorded)
+    for config, now in [
+        (starting_config(second, public_path(key)), "release other v1"),
+        (tiny_config(), "a random initialisation"),
+    ]:
+        with pytest.raises(CheckpointError) as caught:
+            resume(config, recorded)
+        message = str(caught.value)
+        assert "\n" not in message and str(state_path) in message
+        assert "started from release public-tiny v1" in message and now in message
+    resume(tiny_config(), None)
+    with pytest.raises(CheckpointError, match="started from a random initialisation"):
+        resume(starting_config(second, public_path(key)), None)
+
+
+def test_the_public_set_is_disjoint_from_the_sites_and_shifted(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medsegdiff_core.cli import main
+    from medsegdiff_core.data.synthetic import (
+        PUBLIC_STYLE,
+        default_site_styles,
+        write_fundus_sites,
+    )
+
+    cases = {"train": 3, "val": 0, "test": 0}
+    sites = write_fundus_sites(tmp_path / "sites", num_sites=3, cases=cases, size=16)
+    synth = ["--quiet", "synth", "--public", "--out", str(tmp_path), "--train", "3", "--val", "1"]
+    assert main([*synth, "--size", "16"]) == 0
+    public = tmp_path / "public"
+    assert len(list((public / "train" / "images").glob("case-*.png"))) == 3
+    assert len(list((public / "val" / "masks").glob("case-*.png"))) == 1
+    meta = json.loads((public / "public.json").read_text())
+    assert meta["public"] and meta["style"]["name"] == PUBLIC_STYLE.name
+    site_images = [
+        np.asarray(Image.open(p)) for s in sites for p in (s / "train" / "images").glob("*.png")
+    ]
+    for path in (public / "train" / "images").glob("*.png"):
+        image = np.asarray(Image.open(path))
+        assert not any(np.array_equal(image, other) for other in site_images)
+    for style in default_site_styles(3):  # outside every site's range
+        assert sum(PUBLIC_STYLE.disc_radius) > sum(style.disc_radius)
+        assert PUBLIC_STYLE.contrast > style.contrast
+        assert PUBLIC_STYLE.vessel_density < style.vessel_density
 
 
 # --- the PRV accountant ----------------------------------------------------------------------

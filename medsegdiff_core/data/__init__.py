@@ -14,10 +14,12 @@ from .layouts import PlanarDataset, SegmentationDataset, SliceDataset, open_data
 from .synthetic import (
     FUNDUS_CLASSES,
     GLAUCOMA_CUP_TO_DISC,
+    PUBLIC_STYLE,
     SiteStyle,
     default_site_styles,
     make_fundus_case,
     write_fundus_sites,
+    write_public_fundus,
 )
 from .writers import (
     OVERLAY_COLOURS,
@@ -35,6 +37,7 @@ __all__ = [
     "GLAUCOMA_CUP_TO_DISC",
     "IMAGE_SUFFIXES",
     "OVERLAY_COLOURS",
+    "PUBLIC_STYLE",
     "OutputFolder",
     "PlanarDataset",
     "SegmentationDataset",
@@ -53,6 +56,7 @@ __all__ = [
     "write_fundus_sites",
     "write_label_map",
     "write_overlay",
+    "write_public_fundus",
     "write_uncertainty",
     "write_volume_prediction",
 ]

@@ -32,10 +32,12 @@ from .classes import FUNDUS_CLASSES
 __all__ = [
     "FUNDUS_CLASSES",
     "GLAUCOMA_CUP_TO_DISC",
+    "PUBLIC_STYLE",
     "SiteStyle",
     "default_site_styles",
     "make_fundus_case",
     "write_fundus_sites",
+    "write_public_fundus",
 ]
 
 
@@ -135,6 +137,29 @@ _BASE_STYLES = (
         vessel_density=1.3,
     ),
 )
+
+
+PUBLIC_STYLE = SiteStyle(
+    name="public archive: bright, high contrast, warm cast, large discs, sparse vessels",
+    brightness=1.2,
+    contrast=1.35,
+    gamma=0.85,
+    colour_gain=(1.12, 0.9, 0.8),
+    noise_sigma=0.025,
+    blur_sigma=0.9,
+    vignetting=0.1,
+    disc_radius=(0.22, 0.27),
+    cup_to_disc=(0.25, 0.45),
+    glaucoma_prevalence=0.3,
+    vessel_density=0.6,
+)
+"""The public pretraining set's look (:func:`write_public_fundus`): outside every built-in
+site's range in exposure, contrast, colour cast, disc size and vessel density, the way a public
+dataset comes from other cameras and patients than the hospitals that fine-tune on it."""
+
+# The public set's cases are seeded as a "site" with this number, which no site reaches
+# (sites are numbered from 0), and split "public", which no site writes: its own seed range.
+_PUBLIC_SITE = 2**32 - 1
 
 
 def default_site_styles(num_sites: int) -> list[SiteStyle]:
@@ -528,6 +553,50 @@ def write_fundus_sites(
         Image.fromarray(image).save(split_dir / "images" / name, format="PNG")
         Image.fromarray(labels).save(split_dir / "masks" / name, format="PNG")
     return [root / f"site-{k}" for k in range(num_sites)]
+
+
+def write_public_fundus(
+    root: Path, n: int, *, val: int = 0, size: int = 128, seed: int = 0, progress: bool = False
+) -> Path:
+    """Write a public pretraining set: ``n`` training and ``val`` validation fundus cases.
+
+    Writes ``root/train/{images,masks}/case-<NNNN>.png`` (and ``root/val/...``) in the generic
+    layout, with the classes of the sites, and ``root/public.json``. The cases are disjoint from
+    every site's of :func:`write_fundus_sites` (their own seed range) and drawn from a shifted
+    distribution, :data:`PUBLIC_STYLE`: a model pretrained on them starts federated fine-tuning
+    from somewhere sensible, without having seen any site's images or their style.
+
+    Returns:
+        ``root``.
+    """
+    if n < 1 or val < 0:
+        raise ValueError(f"the public set needs n >= 1 and val >= 0, got n={n}, val={val}")
+    root = Path(root)
+    cases = {"train": n, "val": val}
+    for split, count in cases.items():
+        for sub in ("images", "masks"):
+            folder = root / split / sub
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale(folder, count)
+    meta = {
+        "public": True,
+        "style": dataclasses.asdict(PUBLIC_STYLE),
+        "size": size,
+        "seed": seed,
+        "cases": cases,
+        "classes": FUNDUS_CLASSES,
+        "labels": {"0": "background", "1": "disc rim", "2": "cup"},
+    }
+    (root / "public.json").write_text(json.dumps(meta, indent=2) + "\n")
+    jobs = [(split, i) for split, count in cases.items() for i in range(count)]
+    for split, i in _maybe_progress(jobs, progress):
+        # Each case from (seed, public "site", "public/<split>", index): no site's seed.
+        rng = _case_rng(seed, _PUBLIC_SITE, f"public/{split}", i)
+        image, labels = make_fundus_case(rng, PUBLIC_STYLE, size)
+        name = f"case-{i:04d}.png"
+        Image.fromarray(image).save(root / split / "images" / name, format="PNG")
+        Image.fromarray(labels).save(root / split / "masks" / name, format="PNG")
+    return root
 
 
 def _remove_stale(folder: Path, count: int) -> None:
