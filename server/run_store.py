@@ -70,8 +70,10 @@ _ADDED_FIELDS = {
         "update_clip_norm",
         "quantization_clip",
         "quantization_range",
+        "simulated_train_slices",
     },
     "inference": {"eta"},
+    "privacy": {"accountant"},
 }
 
 

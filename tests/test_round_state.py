@@ -150,18 +150,22 @@ def test_run_store_keeps_run_uid_and_momentum_across_restarts(tmp_path: Path) ->
 
 
 def test_settings_added_later_do_not_change_the_digest_of_older_runs() -> None:
-    """A run begun before ``inference.eta`` and the secure-aggregation keys existed resumes:
+    """A run begun before ``inference.eta``, the secure-aggregation keys, the site size and the
+    DP accountant existed resumes:
     at their defaults they are not part of the digest; set, they are."""
     import hashlib
     import json
 
     config = load_config(ROOT / "configs" / "federated-tiny.yaml")
-    older = config.model_dump(mode="json", exclude={"federation": {"rounds", "round_timeout_s"}})
+    resumable = {"rounds", "round_timeout_s", "initial_release", "initial_release_public_key"}
+    older = config.model_dump(mode="json", exclude={"federation": resumable})
     del older["inference"]["eta"]
     for key in ("max_weight", "secure_aggregation", "num_shares", "reconstruction_threshold"):
         del older["federation"][key]
     for key in ("update_clip_norm", "quantization_clip", "quantization_range"):
         del older["federation"][key]
+    del older["federation"]["simulated_train_slices"]
+    del older["privacy"]["accountant"]
     expected = hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()
     assert config_digest(config) == expected
     changed = config.model_copy(
