@@ -530,11 +530,7 @@ def write_fundus_sites(
     jobs = [(k, split, i) for k in range(num_sites) for split, n in cases.items() for i in range(n)]
     for k, style in enumerate(styles):
         site_dir = root / f"site-{k}"
-        for split, count in cases.items():
-            for sub in ("images", "masks"):
-                folder = site_dir / split / sub
-                folder.mkdir(parents=True, exist_ok=True)
-                _remove_stale(folder, count)
+        _prepare_splits(site_dir, cases)
         meta = {
             "site": k,
             "style": dataclasses.asdict(style),
@@ -548,10 +544,7 @@ def write_fundus_sites(
 
     for k, split, i in _maybe_progress(jobs, progress):
         image, labels = make_fundus_case(_case_rng(seed, k, split, i), styles[k], size)
-        split_dir = root / f"site-{k}" / split
-        name = f"case-{i:04d}.png"
-        Image.fromarray(image).save(split_dir / "images" / name, format="PNG")
-        Image.fromarray(labels).save(split_dir / "masks" / name, format="PNG")
+        _write_case(root / f"site-{k}" / split, i, image, labels)
     return [root / f"site-{k}" for k in range(num_sites)]
 
 
@@ -573,11 +566,7 @@ def write_public_fundus(
         raise ValueError(f"the public set needs n >= 1 and val >= 0, got n={n}, val={val}")
     root = Path(root)
     cases = {"train": n, "val": val}
-    for split, count in cases.items():
-        for sub in ("images", "masks"):
-            folder = root / split / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            _remove_stale(folder, count)
+    _prepare_splits(root, cases)
     meta = {
         "public": True,
         "style": dataclasses.asdict(PUBLIC_STYLE),
@@ -593,10 +582,23 @@ def write_public_fundus(
         # Each case from (seed, public "site", "public/<split>", index): no site's seed.
         rng = _case_rng(seed, _PUBLIC_SITE, f"public/{split}", i)
         image, labels = make_fundus_case(rng, PUBLIC_STYLE, size)
-        name = f"case-{i:04d}.png"
-        Image.fromarray(image).save(root / split / "images" / name, format="PNG")
-        Image.fromarray(labels).save(root / split / "masks" / name, format="PNG")
+        _write_case(root / split, i, image, labels)
     return root
+
+
+def _prepare_splits(folder: Path, cases: dict[str, int]) -> None:
+    """``folder/<split>/{images,masks}`` for each split, without cases beyond its count."""
+    for split, count in cases.items():
+        for sub in ("images", "masks"):
+            split_folder = folder / split / sub
+            split_folder.mkdir(parents=True, exist_ok=True)
+            _remove_stale(split_folder, count)
+
+
+def _write_case(split_dir: Path, index: int, image: np.ndarray, labels: np.ndarray) -> None:
+    name = f"case-{index:04d}.png"
+    Image.fromarray(image).save(split_dir / "images" / name, format="PNG")
+    Image.fromarray(labels).save(split_dir / "masks" / name, format="PNG")
 
 
 def _remove_stale(folder: Path, count: int) -> None:
