@@ -231,54 +231,184 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 # --- utility ----------------------------------------------------------------------------------
 
 
-def utility(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from federated import builtin_tests, run_federated, score
+def _federated_dice(
+    args: argparse.Namespace, name: str, overrides: str, slices: int, tests: list
+) -> dict[str, Any]:
+    """One federated simulation of ``--rounds`` x ``--local-steps``; its held-out Dice and the
+    epsilon each site's card entry states."""
+    from federated import run_federated, score
 
     config = load_config(ROOT / args.experiment)
-    workdir = args.work.resolve()
-    slices = args.train_slices_per_site
-    _, tests = builtin_tests(workdir, config, train_slices=slices)
+    start = time.monotonic()
+    run_dir = run_federated(
+        args.work.resolve(),
+        name,
+        args.experiment,
+        f"federation.rounds={args.rounds} federation.local_steps={args.local_steps} "
+        f"federation.evaluate_every={args.rounds} {overrides}",
+        side_by_side=True,
+        train_slices=slices,
+    )
+    dice = score(run_dir / "final" / "model.json", tests, config)
+    card_path = next((run_dir.parents[1] / "releases").glob("*/model-card.json"))
+    card = json.loads(card_path.read_text())
+    epsilons = {site: entry.get("epsilon") for site, entry in card["privacy"]["sites"].items()}
+    return {"dice": dice, "epsilon": epsilons, "seconds": time.monotonic() - start}
+
+
+def _dp_overrides(args: argparse.Namespace, epsilon: str) -> str:
+    return (
+        f"privacy.enabled=true privacy.target_epsilon={epsilon} "
+        f"privacy.accountant={args.accountant} {args.dp_overrides}"
+    )
+
+
+def _print_table(title: str, rows: dict[str, dict[str, float]]) -> None:
+    header = " ".join(f"{f'site-{k}':>8}" for k in range(SITES))
+    width = max(len(title), *(len(name) for name in rows))
+    print(f"\n{title:<{width}} {header} {'mean':>8}")
+    for name, dice in rows.items():
+        cells = " ".join(f"{dice[f'site-{k}']:>8.4f}" for k in range(SITES))
+        print(f"{name:<{width}} {cells} {dice['mean']:>8.4f}", flush=True)
+
+
+def _site_tests(
+    args: argparse.Namespace, config, slices: int
+) -> tuple[list, dict[str, dict[str, float]]]:
+    """The built-in sites' test splits (sites of ``slices`` training slices written if
+    missing), and the table's first row: the public model's own Dice, when runs start from it."""
+    from federated import builtin_tests, score
+
+    _, tests = builtin_tests(args.work.resolve(), config, train_slices=slices)
+    rows: dict[str, dict[str, float]] = {}
+    if args.initial_release is not None:
+        rows["public model, not fine-tuned"] = score(
+            args.initial_release / "model.json", tests, config
+        )
+    return tests, rows
+
+
+def utility(args: argparse.Namespace) -> dict[str, Any]:
+    """No DP and each epsilon of ``--epsilons``, per site size and starting point."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    config = load_config(ROOT / args.experiment)
+    inits = {"random": ""}
+    if args.initial_release is not None:
+        inits["public"] = initial_release_overrides(args)
+    arms = {"no DP": "privacy.enabled=false"}
+    arms |= {f"eps {e}": _dp_overrides(args, e) for e in args.epsilons.split(",")}
+    results: dict[str, Any] = {}
+    for slices in (int(n) for n in str(args.train_slices_per_site).split(",")):
+        print(
+            f"bench/privacy utility: {args.experiment}, {SITES} sites of {slices} training "
+            f"slices, {args.rounds} rounds x {args.local_steps} local steps, "
+            f"{args.accountant} accountant, DP recipe: {args.dp_overrides or '(none)'}",
+            flush=True,
+        )
+        tests, rows = _site_tests(args, config, slices)
+        for init, start in inits.items():
+            for index, (arm, privacy) in enumerate(arms.items()):
+                name = f"bench-privacy-{slices}-{init}-{index}"
+                result = _federated_dice(args, name, f"{privacy}{start}", slices, tests)
+                results[f"{slices}/{init}/{arm}"] = result
+                rows[f"{init} init, {arm}"] = result["dice"]
+                print(
+                    f"{slices} slices, {init} init, {arm}: Dice {result['dice']['mean']:.4f}, "
+                    f"epsilon per site {result['epsilon']}, {result['seconds']:.0f} s",
+                    flush=True,
+                )
+        _print_table(f"{slices} slices/site", rows)
+        for init in inits:
+            plain = rows[f"{init} init, no DP"]["mean"]
+            for arm in list(arms)[1:]:
+                share = rows[f"{init} init, {arm}"]["mean"] / plain
+                print(f"  {init} init, {arm}: {100 * share:.1f} % of no DP")
+    return results
+
+
+# The DP training options (privacy.* keys), each alone on top of the same DP run.
+ABLATION = {
+    "dp-sgd": "",
+    "lr": "privacy.lr=3e-4",
+    "large-batch": "privacy.expected_batch_size=32 privacy.local_steps=4",
+    "augment": "privacy.augmentation_multiplicity=4",
+    "decoder": "privacy.trainable=decoder",
+    "norms": "privacy.trainable=norms",
+    "ema": "privacy.iterate_averaging=0.9",
+}
+
+
+def ablation(args: argparse.Namespace) -> dict[str, Any]:
+    """Each DP option alone at one site size and epsilon (``--ablation-epsilon``), same rounds
+    and seeds; ``public-clip`` uses ``--public-clip`` (from ``--part clip``), ``recipe`` the
+    ``--dp-overrides``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    config = load_config(ROOT / args.experiment)
+    slices = int(str(args.train_slices_per_site).split(",")[0])
+    tests, rows = _site_tests(args, config, slices)
+    arms = dict(ABLATION)
+    if args.public_clip is not None:
+        arms["public-clip"] = f"privacy.max_grad_norm={args.public_clip}"
+    if args.dp_overrides:
+        arms["recipe"] = args.dp_overrides
+    chosen = args.arms.split(",") if args.arms else list(arms)
+    start = initial_release_overrides(args)
     print(
-        f"bench/privacy utility: {args.experiment}, {SITES} sites of {slices} training slices "
-        f"(q = {min(1.0, config.train.batch_size / slices):.3g}), {args.rounds} rounds x "
-        f"{args.local_steps} local steps, {args.accountant} accountant",
+        f"bench/privacy ablation: {slices} slices/site, epsilon {args.ablation_epsilon}, "
+        f"{args.rounds} rounds x {args.local_steps} local steps, "
+        f"{'public' if start else 'random'} init",
         flush=True,
     )
-    arms = {"no DP": "privacy.enabled=false"}
-    for epsilon in args.epsilons.split(","):
-        arms[f"epsilon {epsilon}"] = (
-            f"privacy.enabled=true privacy.target_epsilon={epsilon} "
-            f"privacy.accountant={args.accountant}"
-        )
     results: dict[str, Any] = {}
-    for index, (name, privacy) in enumerate(arms.items()):
+    for arm in chosen:
         overrides = (
-            f"federation.rounds={args.rounds} federation.local_steps={args.local_steps} "
-            f"federation.evaluate_every={args.rounds} {privacy}{initial_release_overrides(args)}"
+            f"privacy.enabled=true privacy.target_epsilon={args.ablation_epsilon} "
+            f"privacy.accountant={args.accountant} {arms[arm]}{start}"
         )
-        start = time.monotonic()
-        run_dir = run_federated(
-            workdir,
-            f"bench-privacy-{index}",
-            args.experiment,
-            overrides,
-            side_by_side=True,
-            train_slices=slices,
+        result = _federated_dice(
+            args, f"bench-privacy-ablation-{slices}-{arm}", overrides, slices, tests
         )
-        dice = score(run_dir / "final" / "model.json", tests, config)
-        card_path = next((run_dir.parents[1] / "releases").glob("*/model-card.json"))
-        card = json.loads(card_path.read_text())
-        epsilons = {site: entry.get("epsilon") for site, entry in card["privacy"]["sites"].items()}
-        results[name] = {"dice": dice, "epsilon": epsilons, "seconds": time.monotonic() - start}
-        print(f"{name}: Dice {dice['mean']:.4f}  epsilon per site {epsilons}", flush=True)
-    print()
-    header = " ".join(f"{f'site-{k}':>8}" for k in range(SITES))
-    print(f"{'held-out Dice':<14} {header} {'mean':>8}")
-    for name, value in results.items():
-        cells = " ".join(f"{value['dice'][f'site-{k}']:>8.4f}" for k in range(SITES))
-        print(f"{name:<14} {cells} {value['dice']['mean']:>8.4f}")
+        results[arm] = result | {"overrides": arms[arm]}
+        rows[f"{arm} ({arms[arm] or 'DP-SGD, no option'})"] = result["dice"]
+        print(
+            f"{arm}: Dice {result['dice']['mean']:.4f}, epsilon {result['epsilon']}, "
+            f"{result['seconds']:.0f} s",
+            flush=True,
+        )
+    _print_table(f"ablation, {slices} slices, eps {args.ablation_epsilon}", rows)
     return results
+
+
+def clip(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-slice gradient norms of the public model on the public set: a clipping bound that
+    costs the sites no privacy (``privacy.max_grad_norm``)."""
+    from medsegdiff_core.checkpoint import load_checkpoint
+    from medsegdiff_core.data.layouts import open_dataset
+    from medsegdiff_core.privacy import per_sample_gradient_norms
+
+    if args.initial_release is None:
+        sys.exit("--part clip needs --initial-release: the public model")
+    config = load_config(ROOT / args.experiment)
+    loaded = load_checkpoint(args.initial_release / "model.json")
+    public = open_dataset(
+        args.work.resolve() / "data" / "public" / "train",
+        "generic",
+        config.data.classes,
+        config.unet_spec().image_size,
+        in_channels=config.data.image_channels,
+    )
+    torch.manual_seed(0)
+    norms = per_sample_gradient_norms(
+        loaded.model,
+        loaded.diffusion.noise_schedule(),
+        public,
+        objective=config.diffusion.objective(),
+    )
+    quantiles = {q: float(torch.quantile(norms, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    cells = "  ".join(f"q{int(100 * q)} {v:.4g}" for q, v in quantiles.items())
+    print(f"bench/privacy clip: {len(norms)} public slices, per-slice gradient norm {cells}")
+    print(f"pass --public-clip {quantiles[0.5]:.3g} (the median) to --part ablation")
+    return {"quantiles": quantiles, "slices": len(norms)}
 
 
 def initial_release_overrides(args: argparse.Namespace) -> str:
@@ -313,7 +443,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(ROOT / args.experiment)
     workdir = args.work.resolve()
     public = write_public_fundus(workdir / "data" / "public", args.public_cases)
-    _, tests = builtin_tests(workdir, config, train_slices=args.train_slices_per_site)
+    _, tests = builtin_tests(
+        workdir, config, train_slices=int(str(args.train_slices_per_site).split(",")[0])
+    )
     print(
         f"bench/privacy pretrain: {args.experiment}, {args.pretrain_steps} central steps on "
         f"{args.public_cases} public cases ({PUBLIC_STYLE.name})",
@@ -436,7 +568,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--part",
-        choices=["overhead", "utility", "accounting", "pretrain", "all"],
+        choices=["overhead", "utility", "ablation", "clip", "accounting", "pretrain", "all"],
         default="overhead",
     )
     parser.add_argument("--preset", default="small")
@@ -455,10 +587,15 @@ def main() -> None:
     parser.add_argument("--epsilons", default="8,3")
     parser.add_argument(
         "--train-slices-per-site",
-        type=int,
-        default=40,
-        help="training slices of each built-in site (utility); e.g. 40, 400, 2000",
+        default="40",
+        help="training slices of each built-in site: utility takes a list, e.g. 40,400,2000",
     )
+    parser.add_argument(
+        "--dp-overrides", default="", help="the DP recipe (privacy.* keys) of every DP arm"
+    )
+    parser.add_argument("--arms", default="", help="ablation: arms to run (default all)")
+    parser.add_argument("--ablation-epsilon", default="8")
+    parser.add_argument("--public-clip", type=float, help="ablation: C from --part clip")
     parser.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
     parser.add_argument("--noise", type=float, default=1.0, help="accounting: noise multiplier")
     parser.add_argument("--sample-rates", default="0.2,0.016", help="accounting: q values")
@@ -486,6 +623,10 @@ def main() -> None:
         results["pretrain"] = pretrain(args)
     if args.part in ("utility", "all"):
         results["utility"] = utility(args)
+    if args.part == "ablation":
+        results["ablation"] = ablation(args)
+    if args.part == "clip":
+        results["clip"] = clip(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))

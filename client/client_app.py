@@ -22,6 +22,7 @@ from medsegdiff_core.privacy import (
     dp_train_steps,
     make_dp_compatible,
     plan_privacy,
+    restrict_trainable,
     secret_generator,
     secret_seed,
 )
@@ -71,12 +72,13 @@ def _reply(
 
 
 def _optimizer(
-    msg: Message, site: Site, model: MedSegDiffUNet, server_round: int
+    msg: Message, site: Site, model: MedSegDiffUNet, server_round: int, lr: float | None = None
 ) -> tuple[torch.optim.Optimizer, str | None]:
-    """The site's AdamW, with its moments from the site's last round of this run when the run
-    keeps them (``federation.keep_optimizer_state``; the server names the run with a uid)."""
+    """The site's AdamW (at ``lr``, default ``train.lr``), with its moments from the site's last
+    round of this run when the run keeps them (``federation.keep_optimizer_state``; the server
+    names the run with a uid)."""
     config = site.config
-    optimizer = make_optimizer(model, config.train.lr, config.train.weight_decay)
+    optimizer = make_optimizer(model, lr or config.train.lr, config.train.weight_decay)
     run_uid = msg.content["config"].get("run-uid")
     if not config.federation.keep_optimizer_state or not run_uid:
         return optimizer, None
@@ -158,8 +160,8 @@ def _train_private(
     plan = plan_privacy(
         privacy,
         num_examples=len(data),
-        batch_size=config.train.batch_size,
-        local_steps=config.federation.local_steps,
+        batch_size=privacy.expected_batch_size or config.train.batch_size,
+        local_steps=privacy.local_steps or config.federation.local_steps,
         rounds=config.federation.rounds,
     )
     ledger = site_ledger(site, context.node_config)
@@ -179,6 +181,7 @@ def _train_private(
         return _reply(msg, site, metrics, privacy=record)
 
     model = make_dp_compatible(_model_from(msg, site))
+    restrict_trainable(model, privacy.trainable)
     # All randomness of a DP round is secret (the experiment seed is known to the server): the
     # DP noise, the Poisson sampling, and also the per-slice randomness (diffusion timesteps
     # and noise, augmentation), which must be independent of the other slices drawn. A DP
@@ -186,7 +189,7 @@ def _train_private(
     torch.manual_seed(secret_seed())
     if hasattr(data, "reseed"):
         data.reseed(secret_seed())
-    optimizer, run_uid = _optimizer(msg, site, model, server_round)
+    optimizer, run_uid = _optimizer(msg, site, model, server_round, lr=privacy.lr)
     stats = dp_train_steps(
         model,
         config.diffusion.noise_schedule(),
@@ -199,6 +202,8 @@ def _train_private(
         objective=config.diffusion.objective(),
         sampling_generator=secret_generator("cpu"),
         noise_generator=secret_generator(site.device),
+        augmentation_multiplicity=privacy.augmentation_multiplicity,
+        iterate_averaging=privacy.iterate_averaging,
     )
     ledger.complete(decision.entry, stats.history)
     _keep_optimizer(optimizer, site, run_uid, server_round)

@@ -345,6 +345,39 @@ class PrivacyConfig(_Section):
         "back to RDP, and the privacy record says so, where its numerical bound cannot be "
         "computed soundly; rdp by default, since PRV is not sound everywhere (see privacy.py)",
     )
+    # The site's DP training recipe: each key is unset or off by default, so a site that sets
+    # none trains as without DP; bench/privacy.py --part ablation measures each one.
+    expected_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="DP rounds: expected Poisson batch size q*N (default train.batch_size); "
+        "larger batches with fewer steps cut the noise per step at the same epsilon",
+    )
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        description="DP rounds: optimiser steps per round (default federation.local_steps)",
+    )
+    lr: float | None = Field(None, gt=0, description="DP rounds: learning rate (default train.lr)")
+    augmentation_multiplicity: int = Field(
+        1,
+        ge=1,
+        description="views of each sampled slice (own augmentation, timestep and noise) whose "
+        "loss is averaged before the slice's gradient is clipped (De et al. 2022); vmap only",
+    )
+    trainable: Literal["all", "decoder", "norms"] = Field(
+        "all",
+        description="parameters a DP round trains: all; decoder (the mask decoder: up path and "
+        "output head); norms (normalisation affines, biases and the output head); the others "
+        "stay at the global model's values, and fewer parameters get less noise in total",
+    )
+    iterate_averaging: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="DP rounds: send the exponential moving average (this decay, bias-corrected) "
+        "of the round's iterates instead of the last one; 0: the last iterate",
+    )
     central: bool = Field(
         False, description="server: central DP on the aggregate (fixed clipping, k sampled sites)"
     )
@@ -361,6 +394,11 @@ class PrivacyConfig(_Section):
         if self.enabled and self.target_epsilon is None:
             raise ValueError(
                 "privacy.target_epsilon is required when privacy.enabled is true (the budget)"
+            )
+        if self.augmentation_multiplicity > 1 and self.grad_sample_mode != "vmap":
+            raise ValueError(
+                "privacy.augmentation_multiplicity > 1 needs privacy.grad_sample_mode=vmap (it "
+                "averages a slice's views inside the per-sample gradient)"
             )
         if self.central and self.central_clipping_norm is None:
             raise ValueError(

@@ -80,6 +80,8 @@ from .diffusion import PLAIN_OBJECTIVE, NoiseSchedule, TrainingObjective, draw_t
 from .errors import ConfigError, MedSegDiffError
 from .training import Batch, ProximalTerm, batch_loss
 
+# The mask decoder: what privacy.trainable=decoder trains (restrict_trainable).
+DECODER_MODULES = ("up_stages", "upsamples", "out")
 # How per-sample gradients are computed: Opacus' module hooks ("hooks"; "functorch" runs its
 # per-layer samplers through torch.func), Opacus' ghost clipping ("ghost"), or one torch.func
 # vmap over the whole network ("vmap"); Opacus clips, adds noise and accounts in every mode.
@@ -659,6 +661,36 @@ class DPTrainStats:
     history: list[tuple[float, float, int]]
 
 
+def restrict_trainable(model: nn.Module, trainable: str) -> int:
+    """Freeze every parameter outside ``trainable`` (``privacy.trainable``); the number of
+    parameters left to train.
+
+    ``decoder`` keeps the mask decoder (``up_stages``, ``upsamples``, the output head ``out``);
+    ``norms`` keeps the affine weights of every normalisation layer, every bias and the output
+    head (BitFit-like). DP noise has the same std on every trained coordinate, so its total
+    norm shrinks with the square root of the number trained while the clipped signal does not.
+    """
+    if trainable == "all":
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == "decoder":
+        kept = {n for n, _ in model.named_parameters() if n.split(".")[0] in DECODER_MODULES}
+    elif trainable == "norms":
+        norms = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+        kept = {
+            f"{name}.{p_name}" if name else p_name
+            for name, module in model.named_modules()
+            if isinstance(module, norms)
+            for p_name, _ in module.named_parameters(recurse=False)
+        }
+        kept |= {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+        kept |= {n for n, _ in model.named_parameters() if n.split(".")[0] == "out"}
+    else:
+        raise ConfigError(f"privacy.trainable: {trainable!r} is not one of all, decoder, norms")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in kept)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def poisson_batches(
     dataset: Dataset,
     sample_rate: float,
@@ -666,9 +698,12 @@ def poisson_batches(
     *,
     device: torch.device,
     generator: torch.Generator | None = None,
+    views: int = 1,
 ) -> Iterator[Batch | None]:
     """``steps`` Poisson batches: each slice joins each batch with probability ``sample_rate``
-    (Opacus' ``UniformWithReplacementSampler``). An empty draw yields ``None``."""
+    (Opacus' ``UniformWithReplacementSampler``). An empty draw yields ``None``. With ``views``
+    > 1 each drawn slice is read that many times in a row (its own augmentation each time):
+    the batch holds ``views`` rows per slice, slice by slice."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     sampler = UniformWithReplacementSampler(
@@ -678,7 +713,7 @@ def poisson_batches(
         if not indices:
             yield None
             continue
-        items = [dataset[i] for i in indices]
+        items = [dataset[i] for i in indices for _ in range(views)]
         yield {
             "image": torch.stack([it["image"] for it in items]).to(device),
             "mask": torch.stack([it["mask"] for it in items]).to(device),
@@ -690,10 +725,16 @@ def set_per_sample_gradients(
     schedule: NoiseSchedule,
     batch: Batch,
     objective: TrainingObjective = PLAIN_OBJECTIVE,
+    views: int = 1,
 ) -> Tensor:
     """Every slice's own loss gradient, as ``p.grad_sample`` of shape ``(B, *p.shape)`` (what
     Opacus' DP optimiser clips), computed in one go with ``torch.func``: ``vmap`` over the batch
     of the gradient of one slice's loss. Returns the per-sample losses.
+
+    With ``views`` > 1 (augmentation multiplicity) the batch holds that many rows per slice
+    (:func:`poisson_batches`), each with its own timestep and noise, and a slice's loss is the
+    mean over its views: one gradient per slice, clipped once, so the privacy analysis is that
+    of one row per slice while the diffusion loss's variance over timesteps shrinks.
 
     Timesteps and noise are drawn for the whole batch first, by the draw :func:`batch_loss`
     uses, so a seeded step is the same in every mode."""
@@ -706,27 +747,83 @@ def set_per_sample_gradients(
     fixed |= dict(model.named_buffers())
 
     def one_slice(weights, image, mask, t, eps):
-        single = {"image": image[None], "mask": mask[None]}
         return batch_loss(
             model,
             schedule,
-            single,
+            {"image": image, "mask": mask},
             objective=objective,
-            t=t[None],
-            noise=eps[None],
+            t=t,
+            noise=eps,
             weights=weights | fixed,
         )["loss"]
+
+    def by_slice(rows: Tensor) -> Tensor:
+        return rows.reshape(rows.shape[0] // views, views, *rows.shape[1:])
 
     per_slice = torch.func.vmap(
         torch.func.grad_and_value(one_slice),
         in_dims=(None, 0, 0, 0, 0),
         randomness="different",  # dropout, if any, draws for each slice on its own
     )
-    grads, losses = per_slice(trained, batch["image"], masks, timesteps, noise)
+    grads, losses = per_slice(
+        trained, by_slice(batch["image"]), by_slice(masks), by_slice(timesteps), by_slice(noise)
+    )
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.grad_sample = grads[name]
     return losses
+
+
+def per_sample_gradient_norms(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    dataset: Dataset,
+    *,
+    batch_size: int = 8,
+    objective: TrainingObjective = PLAIN_OBJECTIVE,
+) -> Tensor:
+    """The L2 norm of every slice's loss gradient over the trainable parameters, unclipped,
+    one slice after another of ``dataset`` (one timestep and noise draw each).
+
+    Run on *public* data with the public model, its quantiles give a clipping bound
+    (``privacy.max_grad_norm``) that costs the sites no privacy; computed on a site's own data
+    it would leak (a data-dependent choice of C outside the DP analysis)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    norms = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {
+            key: torch.stack([it[key] for it in items]).to(device) for key in ("image", "mask")
+        }
+        set_per_sample_gradients(model, schedule, batch, objective)
+        squared = sum(p.grad_sample.flatten(1).square().sum(1) for p in params)
+        norms.append(squared.sqrt().detach().cpu())
+        for p in params:
+            del p.grad_sample
+    return torch.cat(norms)
+
+
+class IterateAverage:
+    """The bias-corrected exponential moving average of parameter iterates: after iterates
+    ``w_1..w_T``, ``sum_i decay^(T-i) w_i / sum_i decay^(T-i)`` (the starting weights do not
+    count), so ``decay`` 0 is the last iterate and ``decay`` near 1 the plain mean."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        self.params, self.decay = params, decay
+        self.mean = [p.detach().clone() for p in params]
+        self.weight = 0.0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.weight = self.decay * self.weight + 1.0
+        for mean, param in zip(self.mean, self.params, strict=True):
+            mean.lerp_(param, 1.0 / self.weight)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for mean, param in zip(self.mean, self.params, strict=True):
+            param.copy_(mean)
 
 
 def dp_train_steps(
@@ -743,6 +840,8 @@ def dp_train_steps(
     sampling_generator: torch.Generator | None = None,
     noise_generator: torch.Generator | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    augmentation_multiplicity: int = 1,
+    iterate_averaging: float = 0.0,
 ) -> DPTrainStats:
     """One round of DP-SGD: ``plan.steps`` Poisson batches, each an Opacus-private step.
 
@@ -752,6 +851,11 @@ def dp_train_steps(
     applied. An empty Poisson batch is still a step: the update is pure noise, as DP-SGD's
     analysis assumes. ``noise_generator`` (on the model's device) and ``sampling_generator``
     (CPU) must be seeded secretly: whoever knows their seeds can subtract the noise.
+
+    ``augmentation_multiplicity`` views of every drawn slice are averaged inside its gradient
+    (:func:`set_per_sample_gradients`; vmap mode only). ``iterate_averaging`` > 0 leaves the
+    model at the bias-corrected exponential moving average of the round's iterates (post-
+    processing of private quantities: no privacy cost), which averages part of the noise out.
 
     Returns the number of steps, slices seen, empty batches, the mean diffusion loss (without
     the proximal term) and the accountant history of the round.
@@ -773,6 +877,11 @@ def dp_train_steps(
         )
     ghost = grad_sample_mode == "ghost"
     vmapped = grad_sample_mode == "vmap"
+    views = augmentation_multiplicity
+    if views > 1 and not vmapped:
+        raise ConfigError(
+            "privacy.augmentation_multiplicity > 1 needs privacy.grad_sample_mode=vmap"
+        )
     extra: dict[str, Any] = {"max_grad_norm": plan.max_grad_norm} if ghost else {}
     hooks = (
         None
@@ -813,7 +922,9 @@ def dp_train_steps(
         else:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if vmapped:
-                    per_sample = set_per_sample_gradients(model, schedule, batch, objective)
+                    per_sample = set_per_sample_gradients(
+                        model, schedule, batch, objective, views=views
+                    )
                 else:
                     per_sample = batch_loss(
                         model, schedule, batch, reduction="none", objective=objective
@@ -829,8 +940,11 @@ def dp_train_steps(
             if proximal is not None:
                 proximal.add_gradient(model)  # after clipping and noise, as without DP
             optimizer.step()
+            if average is not None:
+                average.update()
         return value
 
+    average = IterateAverage(params, iterate_averaging) if iterate_averaging > 0 else None
     model.train()
     total_loss, examples, steps, empty = 0.0, 0, 0, 0
     start = time.monotonic()
@@ -839,7 +953,12 @@ def dp_train_steps(
             # Opacus hooks the image stem, whose input needs no gradient: a harmless notice.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for batch in poisson_batches(
-                dataset, plan.sample_rate, plan.steps, device=device, generator=sampling_generator
+                dataset,
+                plan.sample_rate,
+                plan.steps,
+                device=device,
+                generator=sampling_generator,
+                views=views,
             ):
                 value = step(batch)
                 steps += 1
@@ -847,9 +966,11 @@ def dp_train_steps(
                     empty += 1
                 else:
                     total_loss += value
-                    examples += batch["image"].shape[0]
+                    examples += batch["image"].shape[0] // views
                 if on_step is not None:
                     on_step(steps, value if value is not None else float("nan"))
+        if average is not None:
+            average.copy_to_params()
     finally:
         if hooks is not None:
             hooks.cleanup()
@@ -886,6 +1007,7 @@ __all__ = [
     "BudgetDecision",
     "DPTrainStats",
     "Epsilon",
+    "IterateAverage",
     "PRVUnavailable",
     "LedgerEntry",
     "PrivacyLedger",
@@ -896,9 +1018,11 @@ __all__ = [
     "dp_train_steps",
     "epsilon_of",
     "make_dp_compatible",
+    "per_sample_gradient_norms",
     "plan_privacy",
     "poisson_batches",
     "prv_epsilon",
+    "restrict_trainable",
     "secret_generator",
     "secret_seed",
 ]

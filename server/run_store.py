@@ -73,7 +73,15 @@ _ADDED_FIELDS = {
         "simulated_train_slices",
     },
     "inference": {"eta"},
-    "privacy": {"accountant"},
+    "privacy": {
+        "accountant",
+        "expected_batch_size",
+        "local_steps",
+        "lr",
+        "augmentation_multiplicity",
+        "trainable",
+        "iterate_averaging",
+    },
 }
 
 

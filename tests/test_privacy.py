@@ -65,6 +65,7 @@ from medsegdiff_core.release import (
     public_path,
     write_release,
 )
+from medsegdiff_core.training import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,6 +189,18 @@ def _toy_data(n: int, size: int = 32) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def autograd_gradient(
+    model: nn.Module, schedule, image, x0, t, noise, rows: slice
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """The diffusion loss of ``rows`` of a batch and its gradient, by plain autograd alone."""
+    model.zero_grad()
+    loss = diffusion_loss(
+        lambda x, tt: model(x, tt, image[rows]), x0[rows], schedule, t=t[rows], noise=noise[rows]
+    )["loss"]
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("mode", ["vmap", "functorch", "hooks", "ghost"])
 def test_dp_step_is_the_mean_of_clipped_per_sample_gradients(mode: str) -> None:
     """No noise, every slice sampled: the DP update is -lr * mean_i clip_C(grad_i), where each
@@ -208,15 +221,7 @@ def test_dp_step_is_the_mean_of_clipped_per_sample_gradients(mode: str) -> None:
     total = {name: torch.zeros_like(p) for name, p in reference.named_parameters()}
     norms = []
     for i in range(4):
-        reference.zero_grad()
-        diffusion_loss(
-            lambda x, tt, i=i: reference(x, tt, image[i : i + 1]),
-            x0[i : i + 1],
-            schedule,
-            t=t[i : i + 1],
-            noise=noise[i : i + 1],
-        )["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+        _, grads = autograd_gradient(reference, schedule, image, x0, t, noise, slice(i, i + 1))
         norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
         norms.append(float(norm))
         for name, g in grads.items():
@@ -389,6 +394,33 @@ def test_ledger_location_is_the_sites_choice_not_the_servers(
 # --- the ClientApp with real messages ---------------------------------------------------------
 
 
+def train_message(weights: ArrayRecord, server_round: int) -> Message:
+    """A train message as the SuperNode hands it over: metadata set by the SuperLink."""
+    return Message(
+        content=RecordDict(
+            {"arrays": weights, "config": ConfigRecord({"server-round": server_round})}
+        ),
+        metadata=Metadata(
+            run_id=1,
+            message_id=f"train-{server_round}",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id=str(server_round),
+            created_at=time.time(),
+            ttl=3600.0,
+            message_type="train",
+        ),
+    )
+
+
+def site_context(node_config: dict, run_config: dict) -> Context:
+    """A fresh ClientApp context, as every round gets."""
+    return Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
 def test_client_app_reports_opacus_epsilon_and_declines_at_budget(
     fundus_sites: list[Path], tmp_path: Path
 ) -> None:
@@ -413,28 +445,10 @@ def test_client_app_reports_opacus_epsilon_and_declines_at_budget(
     config = load_config(ROOT / "configs/federated-tiny.yaml", overrides.split())
     weights = ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict())
 
-    replies = []
-    for server_round in (1, 2, 3):
-        msg = Message(  # as the SuperNode hands it over: metadata set by the SuperLink
-            content=RecordDict(
-                {"arrays": weights, "config": ConfigRecord({"server-round": server_round})}
-            ),
-            metadata=Metadata(
-                run_id=1,
-                message_id=f"train-{server_round}",
-                src_node_id=0,
-                dst_node_id=1,
-                reply_to_message_id="",
-                group_id=str(server_round),
-                created_at=time.time(),
-                ttl=3600.0,
-                message_type="train",
-            ),
-        )
-        context = Context(  # a fresh ClientApp context every round
-            run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
-        )
-        replies.append(client_app.train(msg, context))
+    replies = [
+        client_app.train(train_message(weights, r), site_context(node_config, run_config))
+        for r in (1, 2, 3)
+    ]
 
     for server_round, reply in zip((1, 2), replies[:2], strict=True):
         privacy = reply.content["privacy"]
@@ -822,33 +836,9 @@ def test_client_app_with_prv_trains_under_dp_and_reports_the_accountant(
         "privacy.accountant": "prv",
         "privacy.grad_sample_mode": "vmap",
     }
-    msg = Message(
-        content=RecordDict(
-            {
-                "arrays": ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict()),
-                "config": ConfigRecord({"server-round": 1}),
-            }
-        ),
-        metadata=Metadata(
-            run_id=1,
-            message_id="train-1",
-            src_node_id=0,
-            dst_node_id=1,
-            reply_to_message_id="",
-            group_id="1",
-            created_at=time.time(),
-            ttl=3600.0,
-            message_type="train",
-        ),
-    )
-    context = Context(
-        run_id=1,
-        node_id=1,
-        node_config=node_config,
-        state=RecordDict(),
-        run_config={"workdir": str(tmp_path / "work"), "overrides": overrides},
-    )
-    reply = client_app.train(msg, context)
+    weights = ArrayRecord(MedSegDiffUNet(config.unet_spec()).state_dict())
+    run_config = {"workdir": str(tmp_path / "work"), "overrides": overrides}
+    reply = client_app.train(train_message(weights, 1), site_context(node_config, run_config))
     privacy = PrivacyRecord.from_config(dict(reply.content["privacy"]))
     assert privacy.enabled and not privacy.declined and "arrays" in reply.content.array_records
     assert reply.content["metrics"]["train-steps"] == 2
@@ -856,6 +846,173 @@ def test_client_app_with_prv_trains_under_dp_and_reports_the_accountant(
     q = 4 / 24
     assert privacy.epsilon == pytest.approx(opacus_prv_epsilon(1.0, q, 2, default_delta(24)))
     assert privacy.epsilon < opacus_epsilon(1.0, q, 2, default_delta(24))
+
+
+# --- the DP training recipe -------------------------------------------------------------------
+
+
+def test_augmentation_multiplicity_clips_the_mean_of_a_slices_views() -> None:
+    """With K views per slice, each slice's gradient is that of the mean loss of its K rows
+    (each with its own timestep and noise), computed alone by plain autograd."""
+    from medsegdiff_core.privacy import set_per_sample_gradients
+
+    config = tiny_config()
+    schedule = config.diffusion.noise_schedule()
+    torch.manual_seed(0)
+    model = MedSegDiffUNet(config.unet_spec())
+    slices, views = 2, 3
+    data = _toy_data(slices)
+    rows = [d for d in data for _ in range(views)]
+    batch = {k: torch.stack([r[k] for r in rows]) for k in ("image", "mask")}
+    x0 = batch["mask"] * 2 - 1
+    torch.manual_seed(5)  # the draws: timesteps, then noise, for every row
+    t = torch.randint(0, schedule.num_steps, (slices * views,))
+    noise = torch.randn(x0.shape)
+
+    torch.manual_seed(5)
+    losses = set_per_sample_gradients(model, schedule, batch, views=views)
+    assert losses.shape == (slices,)
+    per_sample = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    for i in range(slices):
+        part = slice(i * views, (i + 1) * views)
+        loss, grads = autograd_gradient(model, schedule, batch["image"], x0, t, noise, part)
+        assert float(losses[i]) == pytest.approx(loss, rel=1e-5)
+        for name, grad in grads.items():
+            torch.testing.assert_close(per_sample[name][i], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_augmentation_multiplicity_needs_vmap() -> None:
+    with pytest.raises(ConfigError, match=r"privacy\.augmentation_multiplicity"):
+        tiny_config(
+            enabled=True, target_epsilon=8, augmentation_multiplicity=2, grad_sample_mode="hooks"
+        )
+
+
+def test_restricted_training_leaves_the_rest_of_the_network_untouched() -> None:
+    """``decoder`` and ``norms`` train only their parameters under DP noise; every other
+    weight comes back bit for bit, and fewer parameters are trained."""
+    from medsegdiff_core.privacy import DECODER_MODULES, restrict_trainable
+
+    config = tiny_config()
+    schedule = config.diffusion.noise_schedule()
+    torch.manual_seed(0)
+    base = MedSegDiffUNet(config.unet_spec())
+    total = sum(p.numel() for p in base.parameters())
+    counts = {}
+    for trainable in ("decoder", "norms"):
+        model = copy.deepcopy(base)
+        counts[trainable] = restrict_trainable(model, trainable)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        dp_train_steps(
+            model,
+            schedule,
+            _toy_data(4),
+            plan(1.0, 0.5, 2, 4),
+            make_optimizer(model, 1e-2, 0.0),
+            grad_sample_mode="vmap",
+            sampling_generator=torch.Generator().manual_seed(0),
+        )
+        before = dict(base.named_parameters())
+        for name, param in model.named_parameters():
+            same = torch.equal(param, before[name])
+            assert same == (name not in trained), name
+        if trainable == "decoder":
+            assert all(n.split(".")[0] in DECODER_MODULES for n in trained)
+        else:
+            assert all(n.endswith(".bias") or "norm" in n or n.startswith("out.") for n in trained)
+    assert counts["norms"] < counts["decoder"] < total
+    assert restrict_trainable(copy.deepcopy(base), "all") == total
+    with pytest.raises(ConfigError, match=r"privacy\.trainable"):
+        restrict_trainable(copy.deepcopy(base), "encoder")
+
+
+def test_iterate_averaging_is_the_bias_corrected_ema_of_the_iterates() -> None:
+    from medsegdiff_core.privacy import IterateAverage
+
+    param = nn.Parameter(torch.zeros(2))
+    average = IterateAverage([param], decay=0.5)
+    iterates = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([5.0, 0.0])]
+    for value in iterates:
+        with torch.no_grad():
+            param.copy_(value)
+        average.update()
+    average.copy_to_params()
+    weights = [0.25, 0.5, 1.0]  # decay^(T - i); the starting zeros do not count
+    expected = sum(w * v for w, v in zip(weights, iterates, strict=True)) / sum(weights)
+    torch.testing.assert_close(param.detach(), expected)
+
+    last = nn.Parameter(torch.zeros(1))
+    average = IterateAverage([last], decay=0.0)
+    for value in (2.0, 7.0):
+        with torch.no_grad():
+            last.fill_(value)
+        average.update()
+    average.copy_to_params()
+    assert float(last) == 7.0
+
+
+def test_public_gradient_norms_are_the_unclipped_per_slice_norms() -> None:
+    from medsegdiff_core.privacy import per_sample_gradient_norms
+
+    config = tiny_config()
+    schedule = config.diffusion.noise_schedule()
+    torch.manual_seed(0)
+    model = MedSegDiffUNet(config.unet_spec())
+    data = _toy_data(3)
+    torch.manual_seed(5)
+    norms = per_sample_gradient_norms(model, schedule, data, batch_size=2)
+    assert norms.shape == (3,) and not any(hasattr(p, "grad_sample") for p in model.parameters())
+    image = torch.stack([d["image"] for d in data])
+    x0 = torch.stack([d["mask"] for d in data]) * 2 - 1
+    torch.manual_seed(5)  # batch 1 draws timesteps then noise for 2 slices, then batch 2
+    draws = [(torch.randint(0, schedule.num_steps, (2,)), torch.randn(x0[:2].shape))]
+    draws.append((torch.randint(0, schedule.num_steps, (1,)), torch.randn(x0[2:].shape)))
+    t = torch.cat([d[0] for d in draws])
+    noise = torch.cat([d[1] for d in draws])
+    for i in range(3):
+        _, grads = autograd_gradient(model, schedule, image, x0, t, noise, slice(i, i + 1))
+        norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))
+        assert float(norms[i]) == pytest.approx(float(norm), rel=1e-4)
+
+
+def test_client_app_trains_with_the_sites_dp_recipe(
+    fundus_sites: list[Path], tmp_path: Path
+) -> None:
+    """A hospital's node config sets its DP recipe: its own expected batch, steps and learning
+    rate, the decoder alone, two views per slice and iterate averaging. The round trains that
+    plan (steps, q), and only the decoder's weights leave the site changed."""
+    from client import client_app
+    from medsegdiff_core.privacy import DECODER_MODULES
+
+    overrides = "federation.local_steps=5 train.batch_size=4 model.base_channels=8"
+    config = load_config(ROOT / "configs/federated-tiny.yaml", overrides.split())
+    node_config = {
+        "data-path": str(fundus_sites[2]),
+        "site-name": "hospital-c",
+        "state-dir": str(tmp_path / "hospital-c-state"),
+        "privacy.enabled": True,
+        "privacy.target_epsilon": 50.0,
+        "privacy.noise_multiplier": 1.0,
+        "privacy.expected_batch_size": 6,
+        "privacy.local_steps": 2,
+        "privacy.lr": 1e-2,
+        "privacy.trainable": "decoder",
+        "privacy.augmentation_multiplicity": 2,
+        "privacy.iterate_averaging": 0.5,
+    }
+    torch.manual_seed(3)
+    start = MedSegDiffUNet(config.unet_spec()).state_dict()
+    run_config = {"workdir": str(tmp_path / "work"), "overrides": overrides}
+    reply = client_app.train(
+        train_message(ArrayRecord(start), 1), site_context(node_config, run_config)
+    )
+    privacy = PrivacyRecord.from_config(dict(reply.content["privacy"]))
+    assert reply.content["metrics"]["train-steps"] == 2
+    assert privacy.sample_rate == pytest.approx(6 / 24) and privacy.steps == 2
+    assert privacy.epsilon == pytest.approx(opacus_epsilon(1.0, 6 / 24, 2, default_delta(24)))
+    returned = reply.content["arrays"].to_torch_state_dict()
+    changed = {k for k, v in returned.items() if not torch.equal(v, start[k])}
+    assert changed and all(k.split(".")[0] in DECODER_MODULES for k in changed)
 
 
 # --- realistic site sizes ---------------------------------------------------------------------
