@@ -22,11 +22,23 @@
   (``--work``/keys/public-signing.pem), and its Dice on every built-in site's test split before
   any fine-tuning. It prints the ``--initial-release`` and ``--public-key`` to pass on.
 * ``--initial-release PATH --public-key PATH``: the utility runs start from that signed release
-  (``federation.initial_release``) instead of a random initialisation.
+  (``federation.initial_release``) as well as from a random initialisation, and the table's
+  first row is the release's own Dice before any fine-tuning. ``--train-slices-per-site``
+  takes a list (``40,400,2000``): one table per site size. ``--dp-overrides`` is the DP recipe
+  (``privacy.*`` keys) of every DP arm.
+* ``--part ablation`` (not in ``all``): each DP option of ``ABLATION`` alone (``--arms``), at
+  the first site size and ``--ablation-epsilon``, same rounds and seeds; ``public-clip`` with
+  ``--public-clip C``, ``recipe`` with ``--dp-overrides``.
+* ``--part clip`` (not in ``all``; needs ``--initial-release``): per-slice gradient-norm
+  quantiles of the public model on the public set, whose median is a clipping bound that costs
+  the sites no privacy.
 
-Run: python bench/privacy.py [--part overhead|utility|accounting|pretrain|all] [--preset small
-     --size 64 --batch 8] [--modes vmap,hooks,functorch,ghost] [--rounds 25 --local-steps 16]
-     [--train-slices-per-site 40] [--accountant rdp|prv] [--noise 1.0 --sample-rates 0.2,0.016]
+Run: python bench/privacy.py [--part overhead|utility|ablation|clip|accounting|pretrain|all]
+     [--preset small --size 64 --batch 8] [--modes vmap,hooks,functorch,ghost]
+     [--rounds 25 --local-steps 16]
+     [--train-slices-per-site 40,400,2000] [--dp-overrides "privacy.trainable=norms"]
+     [--arms dp-sgd,augment --ablation-epsilon 8 --public-clip 1.33] [--accountant rdp|prv]
+     [--noise 1.0 --sample-rates 0.2,0.016]
      [--initial-release PATH --public-key PATH] [--pretrain-steps 400 --public-cases 200]
      [--json runs/x.json]
 """
@@ -232,13 +244,12 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _federated_dice(
-    args: argparse.Namespace, name: str, overrides: str, slices: int, tests: list
+    args: argparse.Namespace, config, name: str, overrides: str, slices: int, tests: list
 ) -> dict[str, Any]:
     """One federated simulation of ``--rounds`` x ``--local-steps``; its held-out Dice and the
     epsilon each site's card entry states."""
     from federated import run_federated, score
 
-    config = load_config(ROOT / args.experiment)
     start = time.monotonic()
     run_dir = run_federated(
         args.work.resolve(),
@@ -256,10 +267,11 @@ def _federated_dice(
     return {"dice": dice, "epsilon": epsilons, "seconds": time.monotonic() - start}
 
 
-def _dp_overrides(args: argparse.Namespace, epsilon: str) -> str:
+def _dp_overrides(args: argparse.Namespace, epsilon: str, recipe: str) -> str:
+    """A DP arm at ``epsilon`` under ``--accountant`` with the ``recipe``'s privacy.* keys."""
     return (
         f"privacy.enabled=true privacy.target_epsilon={epsilon} "
-        f"privacy.accountant={args.accountant} {args.dp_overrides}"
+        f"privacy.accountant={args.accountant} {recipe}"
     )
 
 
@@ -296,9 +308,11 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
     if args.initial_release is not None:
         inits["public"] = initial_release_overrides(args)
     arms = {"no DP": "privacy.enabled=false"}
-    arms |= {f"eps {e}": _dp_overrides(args, e) for e in args.epsilons.split(",")}
+    arms |= {
+        f"eps {e}": _dp_overrides(args, e, args.dp_overrides) for e in args.epsilons.split(",")
+    }
     results: dict[str, Any] = {}
-    for slices in (int(n) for n in str(args.train_slices_per_site).split(",")):
+    for slices in args.train_slices_per_site:
         print(
             f"bench/privacy utility: {args.experiment}, {SITES} sites of {slices} training "
             f"slices, {args.rounds} rounds x {args.local_steps} local steps, "
@@ -309,7 +323,7 @@ def utility(args: argparse.Namespace) -> dict[str, Any]:
         for init, start in inits.items():
             for index, (arm, privacy) in enumerate(arms.items()):
                 name = f"bench-privacy-{slices}-{init}-{index}"
-                result = _federated_dice(args, name, f"{privacy}{start}", slices, tests)
+                result = _federated_dice(args, config, name, f"{privacy}{start}", slices, tests)
                 results[f"{slices}/{init}/{arm}"] = result
                 rows[f"{init} init, {arm}"] = result["dice"]
                 print(
@@ -344,7 +358,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     ``--dp-overrides``."""
     sys.path.insert(0, str(ROOT / "bench"))
     config = load_config(ROOT / args.experiment)
-    slices = int(str(args.train_slices_per_site).split(",")[0])
+    slices = args.train_slices_per_site[0]
     tests, rows = _site_tests(args, config, slices)
     arms = dict(ABLATION)
     if args.public_clip is not None:
@@ -361,12 +375,9 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
     )
     results: dict[str, Any] = {}
     for arm in chosen:
-        overrides = (
-            f"privacy.enabled=true privacy.target_epsilon={args.ablation_epsilon} "
-            f"privacy.accountant={args.accountant} {arms[arm]}{start}"
-        )
+        overrides = _dp_overrides(args, args.ablation_epsilon, arms[arm]) + start
         result = _federated_dice(
-            args, f"bench-privacy-ablation-{slices}-{arm}", overrides, slices, tests
+            args, config, f"bench-privacy-ablation-{slices}-{arm}", overrides, slices, tests
         )
         results[arm] = result | {"overrides": arms[arm]}
         rows[f"{arm} ({arms[arm] or 'DP-SGD, no option'})"] = result["dice"]
@@ -443,9 +454,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(ROOT / args.experiment)
     workdir = args.work.resolve()
     public = write_public_fundus(workdir / "data" / "public", args.public_cases)
-    _, tests = builtin_tests(
-        workdir, config, train_slices=int(str(args.train_slices_per_site).split(",")[0])
-    )
+    _, tests = builtin_tests(workdir, config, train_slices=args.train_slices_per_site[0])
     print(
         f"bench/privacy pretrain: {args.experiment}, {args.pretrain_steps} central steps on "
         f"{args.public_cases} public cases ({PUBLIC_STYLE.name})",
@@ -587,7 +596,8 @@ def main() -> None:
     parser.add_argument("--epsilons", default="8,3")
     parser.add_argument(
         "--train-slices-per-site",
-        default="40",
+        type=lambda value: [int(n) for n in value.split(",")],
+        default=[40],
         help="training slices of each built-in site: utility takes a list, e.g. 40,400,2000",
     )
     parser.add_argument(

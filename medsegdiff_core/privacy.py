@@ -78,7 +78,7 @@ from .checkpoint import atomic_write_bytes
 from .config import PrivacyConfig
 from .diffusion import PLAIN_OBJECTIVE, NoiseSchedule, TrainingObjective, draw_timesteps_and_noise
 from .errors import ConfigError, MedSegDiffError
-from .training import Batch, ProximalTerm, batch_loss
+from .training import Batch, ProximalTerm, batch_loss, stack_batch
 
 # The mask decoder: what privacy.trainable=decoder trains (restrict_trainable).
 DECODER_MODULES = ("up_stages", "upsamples", "out")
@@ -682,8 +682,9 @@ def restrict_trainable(model: nn.Module, trainable: str) -> int:
             if isinstance(module, norms)
             for p_name, _ in module.named_parameters(recurse=False)
         }
-        kept |= {n for n, _ in model.named_parameters() if n.endswith(".bias")}
-        kept |= {n for n, _ in model.named_parameters() if n.split(".")[0] == "out"}
+        kept |= {
+            n for n, _ in model.named_parameters() if n.endswith(".bias") or n.startswith("out.")
+        }
     else:
         raise ConfigError(f"privacy.trainable: {trainable!r} is not one of all, decoder, norms")
     for name, param in model.named_parameters():
@@ -713,11 +714,7 @@ def poisson_batches(
         if not indices:
             yield None
             continue
-        items = [dataset[i] for i in indices for _ in range(views)]
-        yield {
-            "image": torch.stack([it["image"] for it in items]).to(device),
-            "mask": torch.stack([it["mask"] for it in items]).to(device),
-        }
+        yield stack_batch([dataset[i] for i in indices for _ in range(views)], device)
 
 
 def set_per_sample_gradients(
@@ -793,10 +790,7 @@ def per_sample_gradient_norms(
     norms = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {
-            key: torch.stack([it[key] for it in items]).to(device) for key in ("image", "mask")
-        }
-        set_per_sample_gradients(model, schedule, batch, objective)
+        set_per_sample_gradients(model, schedule, stack_batch(items, device), objective)
         squared = sum(p.grad_sample.flatten(1).square().sum(1) for p in params)
         norms.append(squared.sqrt().detach().cpu())
         for p in params:
@@ -807,7 +801,9 @@ def per_sample_gradient_norms(
 class IterateAverage:
     """The bias-corrected exponential moving average of parameter iterates: after iterates
     ``w_1..w_T``, ``sum_i decay^(T-i) w_i / sum_i decay^(T-i)`` (the starting weights do not
-    count), so ``decay`` 0 is the last iterate and ``decay`` near 1 the plain mean."""
+    count), so ``decay`` 0 is the last iterate and ``decay`` near 1 the plain mean. Not
+    :class:`~medsegdiff_core.training.ExponentialMovingAverage`, which starts from the initial
+    weights and ramps its decay up: a round of a few DP steps would send mostly the start."""
 
     def __init__(self, params: list[nn.Parameter], decay: float) -> None:
         self.params, self.decay = params, decay

@@ -120,6 +120,11 @@ class ProximalTerm:
                 param.grad.add_(param - self.reference[name].to(param.device), alpha=self.mu)
 
 
+def stack_batch(items: list[dict[str, Tensor]], device: torch.device) -> Batch:
+    """Dataset items (``image``, ``mask``) stacked into one batch on ``device``."""
+    return {key: torch.stack([it[key] for it in items]).to(device) for key in ("image", "mask")}
+
+
 def random_batches(
     dataset: Dataset, batch_size: int, *, seed: int, device: torch.device
 ) -> Iterator[Batch]:
@@ -138,10 +143,7 @@ def random_batches(
             items = [dataset[i] for i in order[start : start + batch_size]]
             if len(items) < min(batch_size, size):
                 break
-            yield {
-                "image": torch.stack([it["image"] for it in items]).to(device),
-                "mask": torch.stack([it["mask"] for it in items]).to(device),
-            }
+            yield stack_batch(items, device)
 
 
 def batch_loss(
@@ -395,6 +397,7 @@ def fit(
 
 __all__ = [
     "ExponentialMovingAverage",
+    "stack_batch",
     "FitResult",
     "ProximalTerm",
     "TrainStats",
