@@ -53,13 +53,15 @@ from medsegdiff_core.training import fit  # noqa: E402
 LESION = {"lesion": [1]}
 
 
-def brats_task(data: Path, size: int) -> tuple:
+def brats_task(data: Path, size: int, train_empty: bool = False) -> tuple:
     train_root, test_root = data / "brats" / "train", data / "brats" / "test"
     if not (data / "brats" / ".complete").exists():
         write_brats_cases(train_root, 16, shape=(size, size, 24), seed=1)
         write_brats_cases(test_root, 4, shape=(size, size, 24), seed=2, prefix="BraTS-TEST")
         (data / "brats" / ".complete").touch()
-    train = open_dataset(train_root, "brats", None, size, skip_empty=True, augment=True)
+    # Tumour-free slices are left out of training unless asked for; the held-out volumes are
+    # scored whole, so a model that never saw one may mark tumour there.
+    train = open_dataset(train_root, "brats", None, size, skip_empty=not train_empty, augment=True)
     test = open_dataset(test_root, "brats", None, size)  # whole volumes, scored in 3-D
     return train, test, BRATS_CLASSES, 4, "brats"
 
@@ -80,7 +82,8 @@ TASKS = {"brats": (brats_task, 64), "real": (real_task, 96)}
 
 def run_task(name: str, args: argparse.Namespace) -> dict:
     make, size = TASKS[name]
-    train, test, classes, channels, layout = make(args.data, size)
+    options = {"train_empty": True} if name == "brats" and args.train_empty_slices else {}
+    train, test, classes, channels, layout = make(args.data, size, **options)
     names = list(classes)
     config = load_config(
         ROOT / "configs" / "fundus-small.yaml",
@@ -147,6 +150,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-medical")
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--train-empty-slices",
+        action="store_true",
+        help="brats: train every arm on the tumour-free slices too",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"bench/learning_medical: torch {torch.__version__}, {args.threads} threads")
